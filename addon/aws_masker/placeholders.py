@@ -1,0 +1,63 @@
+"""Placeholder format: ``AWS_<KIND>_<NNNN>``.
+
+* typed and readable: ``AWS_ACCOUNT_0001``, ``AWS_EC2_INSTANCE_0012``;
+* the counter is zero-padded to four digits and grows beyond that (``AWS_ACCOUNT_12345``);
+* a token is always read greedily to its last digit, so ``AWS_ACCOUNT_1000`` is never read as
+  ``AWS_ACCOUNT_100`` followed by ``0``;
+* the number is a per-kind counter kept by the store, so nothing about the original can be derived from it.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = b"AWS_"
+KIND_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*$")
+# A placeholder token. Kind segments start with a letter; the counter is the final run of >= 4 digits.
+TOKEN_RE = re.compile(rb"AWS_[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*_[0-9]{4,}")
+
+
+def format_placeholder(kind: str, number: int) -> bytes:
+    """Return the placeholder for the ``number``-th identifier of ``kind`` (numbers start at 1)."""
+    return b"AWS_%s_%04d" % (kind.encode("ascii"), number)
+
+
+def valid_kind(kind: str) -> bool:
+    return bool(KIND_RE.match(kind))
+
+
+def restore_bytes(data: bytes, mapping: dict[bytes, bytes]) -> tuple[bytes, int]:
+    """Replace every placeholder of ``mapping`` in ``data`` by its original.
+
+    Tokens that look like placeholders but are not in ``mapping`` stay as they are. Returns the new bytes and
+    the number of replacements.
+    """
+    if not mapping or PREFIX not in data:
+        return data, 0
+    count = 0
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        nonlocal count
+        orig = mapping.get(m.group(0))
+        if orig is None:
+            return m.group(0)
+        count += 1
+        return orig
+
+    return TOKEN_RE.sub(sub, data), count
+
+
+def tail_to_hold(data: bytes, prefixes: frozenset[bytes] | set[bytes], longest: int) -> int:
+    """Offset from which ``data`` must be held back because it could still become a placeholder.
+
+    ``prefixes`` holds every non-empty prefix of every placeholder that may be restored (the full
+    placeholders included: more digits could still follow). Returns ``len(data)`` when nothing has to wait.
+    """
+    n = len(data)
+    start = max(0, n - longest)
+    i = data.find(b"A", start)
+    while i != -1:
+        if data[i:] in prefixes:
+            return i
+        i = data.find(b"A", i + 1)
+    return n

@@ -1,0 +1,257 @@
+"""The rule catalog: loading, validating and self-checking YAML rule files.
+
+A rule file holds ``rules:``, a list of mappings::
+
+    rules:
+      - id: aws-ec2-instance-id                # unique, [a-z0-9-]
+        description: EC2 instance ID            # what it finds and why it is identifying
+        regex: '\\bi-(?:[0-9a-f]{8}|[0-9a-f]{17})\\b'
+        keywords: ["i-"]                        # optional: the rule only runs where one occurs (prefilter)
+        placeholder: EC2_INSTANCE               # kind of the whole match, or of the group named `mask`
+        groups: {account: ACCOUNT}              # optional: mask these named groups (kinds may use {group})
+        validate: ipv4                          # optional: a named check on the masked value
+        allow: ["i-00000000"]                   # optional: exact values never masked
+        examples:                               # must match; `masked` lists the exact masked substrings
+          - text: "instance i-0123456789abcdef0 is running"
+            masked: ["i-0123456789abcdef0"]
+          - "i-01234567"                        # shorthand: the whole text is masked
+        counterexamples:                        # must not mask anything
+          - "multi-line"
+
+Regexes are Python ``re`` syntax applied to UTF-8 bytes. To run on the fast engine they must also be valid
+Hyperscan: no look-arounds, back-references or possessive quantifiers (a rule that is not is scanned with
+Python ``re`` instead and works the same, only slower).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .placeholders import valid_kind
+
+BUILTIN_RULES_DIR = Path(__file__).resolve().parent.parent.parent / "rules"
+
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+KNOWN_KEYS = {
+    "id", "description", "regex", "keywords", "placeholder", "groups", "validate", "allow",
+    "examples", "counterexamples",
+}
+
+
+class RuleError(ValueError):
+    """A rule file or rule is unusable; the message names the file, the rule and the problem."""
+
+
+# --- validators: return False to leave a candidate unmasked --------------------------------------------
+
+def _ipv4(value: bytes) -> bool:
+    try:
+        ip = ipaddress.IPv4Address(value.decode("ascii"))
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+                or ip.is_link_local or str(ip) == "255.255.255.255")
+
+
+def _ipv6(value: bytes) -> bool:
+    try:
+        ip = ipaddress.IPv6Address(value.decode("ascii"))
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local)
+
+
+def _not_repeated(value: bytes) -> bool:
+    """Reject values made of one repeated character (000000000000, xxxxxxxx...)."""
+    return len(set(value)) > 1
+
+
+VALIDATORS: dict[str, Callable[[bytes], bool]] = {
+    "ipv4": _ipv4,
+    "ipv6": _ipv6,
+    "not_repeated": _not_repeated,
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    masked: tuple[str, ...]
+
+
+@dataclass
+class Rule:
+    id: str
+    description: str
+    regex: str
+    placeholder: str
+    source: str
+    keywords: tuple[bytes, ...] = ()
+    groups: dict[str, str] = field(default_factory=dict)
+    validate: Callable[[bytes], bool] | None = None
+    allow: frozenset[bytes] = frozenset()
+    examples: tuple[Example, ...] = ()
+    counterexamples: tuple[str, ...] = ()
+    compiled: re.Pattern[bytes] = field(init=False, repr=False)
+    case_insensitive: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.compiled = re.compile(self.regex.encode("utf-8"))
+        self.case_insensitive = bool(self.compiled.flags & re.IGNORECASE)
+
+    def targets(self) -> dict[str, str]:
+        """Group name (``""`` for the whole match) -> placeholder kind (possibly a ``{group}`` template)."""
+        if self.groups:
+            return dict(self.groups)
+        if "mask" in self.compiled.groupindex:
+            return {"mask": self.placeholder}
+        return {"": self.placeholder}
+
+
+def _fail(source: str, rule_id: str | None, problem: str) -> RuleError:
+    where = f"{source}: rule {rule_id!r}" if rule_id else source
+    return RuleError(f"{where}: {problem}")
+
+
+def _as_str_list(value: object, what: str, source: str, rid: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(source, rid, f"{what} must be a list of strings")
+    return list(value)
+
+
+def parse_rule(raw: object, source: str, index: int) -> Rule:
+    if not isinstance(raw, dict):
+        raise _fail(source, None, f"rule #{index + 1} is not a mapping")
+    rid = raw.get("id")
+    if not isinstance(rid, str) or not ID_RE.match(rid):
+        raise _fail(source, None, f"rule #{index + 1}: id {rid!r} missing or not of the form [a-z0-9-]+")
+    unknown = set(raw) - KNOWN_KEYS
+    if unknown:
+        raise _fail(source, rid, f"unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("description", "regex"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise _fail(source, rid, f"{key} is missing or empty")
+    regex = raw["regex"]
+    try:
+        compiled = re.compile(regex.encode("utf-8"))
+    except re.error as e:
+        raise _fail(source, rid, f"regex does not compile: {e}") from None
+    if compiled.match(b""):
+        raise _fail(source, rid, "regex matches the empty string")
+
+    groups = raw.get("groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in groups.items()):
+        raise _fail(source, rid, "groups must map group names to placeholder kinds")
+    placeholder = raw.get("placeholder")
+    if not groups and not isinstance(placeholder, str):
+        raise _fail(source, rid, "placeholder (the kind, e.g. EC2_INSTANCE) is missing")
+    kinds = dict(groups) if groups else {"": str(placeholder)}
+    for gname, kind in kinds.items():
+        if gname and gname not in compiled.groupindex:
+            raise _fail(source, rid, f"groups names {gname!r}, which the regex does not define")
+        for ref in TEMPLATE_RE.findall(kind):
+            if ref not in compiled.groupindex:
+                raise _fail(source, rid, f"kind {kind!r} refers to group {ref!r}, which the regex lacks")
+        if not valid_kind(TEMPLATE_RE.sub("X", kind)):
+            raise _fail(source, rid, f"placeholder kind {kind!r} must be UPPER_CASE like EC2_INSTANCE")
+
+    validate = None
+    if raw.get("validate") is not None:
+        name = raw["validate"]
+        if name not in VALIDATORS:
+            raise _fail(source, rid, f"validate {name!r} is unknown (known: {', '.join(sorted(VALIDATORS))})")
+        validate = VALIDATORS[name]
+
+    examples = []
+    for ex in raw.get("examples") or []:
+        if isinstance(ex, str):
+            examples.append(Example(ex, (ex,)))
+        elif isinstance(ex, dict) and isinstance(ex.get("text"), str):
+            examples.append(Example(ex["text"], tuple(_as_str_list(ex.get("masked"), "masked", source, rid))))
+        else:
+            raise _fail(source, rid, "each example is a string or {text: ..., masked: [...]}")
+    if not examples:
+        raise _fail(source, rid, "has no examples (at least one text it must mask)")
+
+    return Rule(
+        id=rid,
+        description=raw["description"].strip(),
+        regex=regex,
+        placeholder=str(placeholder or ""),
+        source=source,
+        keywords=tuple(k.encode("utf-8") for k in _as_str_list(raw.get("keywords"), "keywords", source, rid)),
+        groups=dict(groups),
+        validate=validate,
+        allow=frozenset(a.encode("utf-8") for a in _as_str_list(raw.get("allow"), "allow", source, rid)),
+        examples=tuple(examples),
+        counterexamples=tuple(_as_str_list(raw.get("counterexamples"), "counterexamples", source, rid)),
+    )
+
+
+def load_file(path: Path) -> list[Rule]:
+    source = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RuleError(f"{source}: cannot read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise RuleError(f"{source}: not valid YAML: {e}") from None
+    if doc is None:
+        return []
+    if not isinstance(doc, dict) or not isinstance(doc.get("rules"), list):
+        raise RuleError(f"{source}: expected a mapping with a 'rules:' list")
+    return [parse_rule(raw, source, i) for i, raw in enumerate(doc["rules"])]
+
+
+def rule_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    if path.is_file():
+        return [path]
+    raise RuleError(f"{path}: no such rule file or folder")
+
+
+def load_rules(extra: Iterable[str | Path] = (), builtin: bool = True) -> list[Rule]:
+    """Load the built-in catalog plus ``extra`` files/folders. Rule ids must be unique across all of them."""
+    paths: list[Path] = []
+    if builtin:
+        paths.extend(rule_files(BUILTIN_RULES_DIR))
+    for p in extra:
+        paths.extend(rule_files(Path(p).expanduser()))
+    rules: list[Rule] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        for rule in load_file(path):
+            if rule.id in seen:
+                raise _fail(rule.source, rule.id, f"id already defined in {seen[rule.id]}")
+            seen[rule.id] = rule.source
+            rules.append(rule)
+    return rules
+
+
+def check_examples(rules: Sequence[Rule], scan: Callable[[Rule, bytes], list[bytes]]) -> list[str]:
+    """Run every rule alone on its examples; return a list of problems (empty when all hold)."""
+    problems = []
+    for rule in rules:
+        for ex in rule.examples:
+            got = sorted(v.decode("utf-8", "replace") for v in scan(rule, ex.text.encode("utf-8")))
+            if got != sorted(ex.masked):
+                problems.append(f"{rule.source}: rule {rule.id!r}: example {ex.text!r} masked {got}, "
+                                f"expected {sorted(ex.masked)}")
+        for cex in rule.counterexamples:
+            got = [v.decode("utf-8", "replace") for v in scan(rule, cex.encode("utf-8"))]
+            if got:
+                problems.append(f"{rule.source}: rule {rule.id!r}: counterexample {cex!r} masked {got}")
+    return problems
