@@ -1,0 +1,157 @@
+"""Masking request bodies: find identifiers, ask the store for placeholders once, rewrite the body.
+
+Masking is split in two so the (possibly remote) store is called once per request with every identifier:
+
+    plan = body_masker.plan(content, content_type)      # scan; nothing changed yet
+    placeholders = await store.placeholders_for(plan.items)
+    new_content = plan.render(placeholders)
+
+JSON bodies are masked inside every string value at any depth (keys and other values stay); form bodies
+value by value; anything else as bytes. A JSON body that does not parse (or is nested too deep for the JSON
+parser) is masked as text, which still finds every identifier that is not itself JSON-escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from .scanner import Hit, Scanner
+
+Key = tuple[str, bytes]  # (placeholder kind, original)
+
+
+@dataclass
+class Segment:
+    data: bytes
+    hits: list[Hit]
+
+
+@dataclass
+class MaskPlan:
+    """The identifiers found in one body and how to put the body back together with placeholders."""
+
+    format: str  # "json", "form", "text" or "empty"
+    segments: list[Segment] = field(default_factory=list)
+    items: list[Key] = field(default_factory=list)  # unique, in order of first appearance
+    rule_counts: Counter[str] = field(default_factory=Counter)
+    _assemble: Callable[[list[bytes]], bytes] | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(self.rule_counts.values())
+
+    def render(self, placeholders: Sequence[bytes]) -> tuple[bytes, dict[bytes, bytes]]:
+        """Return the masked body and the placeholder -> original mapping of this request."""
+        by_key = dict(zip(self.items, placeholders, strict=True))
+        mapping = {p: k[1] for k, p in by_key.items()}
+        rendered = []
+        for seg in self.segments:
+            if not seg.hits:
+                rendered.append(seg.data)
+                continue
+            parts = []
+            pos = 0
+            data = seg.data
+            for h in seg.hits:
+                parts.append(data[pos:h.start])
+                parts.append(by_key[(h.kind, data[h.start:h.end])])
+                pos = h.end
+            parts.append(data[pos:])
+            rendered.append(b"".join(parts))
+        assert self._assemble is not None
+        return self._assemble(rendered), mapping
+
+
+class BodyMasker:
+    def __init__(self, scanner: Scanner) -> None:
+        self.scanner = scanner
+
+    def plan(self, content: bytes, content_type: str = "") -> MaskPlan:
+        if not content:
+            return MaskPlan("empty", _assemble=lambda parts: content)
+        ctype = content_type.lower()
+        if "json" in ctype or (not ctype and content.lstrip()[:1] in (b"{", b"[")):
+            plan = self._plan_json(content)
+            if plan is not None:
+                return plan
+        elif "application/x-www-form-urlencoded" in ctype:
+            return self._plan_form(content)
+        return self._plan_text(content)
+
+    def _finish(self, plan: MaskPlan) -> MaskPlan:
+        seen: dict[Key, None] = {}
+        counts = plan.rule_counts
+        for seg in plan.segments:
+            data = seg.data
+            for h in seg.hits:
+                seen.setdefault((h.kind, data[h.start:h.end]), None)
+                counts[h.rule] += 1
+        plan.items = list(seen)
+        return plan
+
+    def _plan_text(self, content: bytes) -> MaskPlan:
+        plan = MaskPlan("text", [Segment(content, self.scanner.scan(content))],
+                        _assemble=lambda parts: parts[0])
+        return self._finish(plan)
+
+    def _plan_json(self, content: bytes) -> MaskPlan | None:
+        try:
+            doc = json.loads(content, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            return None
+        scan = self.scanner.scan
+        segments: list[Segment] = []
+        slots: list[tuple[Any, Any]] = []  # (container, key) of each string that has hits
+        if isinstance(doc, str):
+            doc = [doc]
+            unwrap = True
+        else:
+            unwrap = False
+        stack: list[Any] = [doc]
+        while stack:  # iterative: deep nesting must not exhaust the Python stack
+            node = stack.pop()
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                if isinstance(v, str):
+                    b = v.encode("utf-8", "surrogatepass")
+                    hits = scan(b)
+                    if hits:
+                        segments.append(Segment(b, hits))
+                        slots.append((node, k))
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+
+        def assemble(parts: list[bytes]) -> bytes:
+            if not slots:
+                return content
+            for (node, k), part in zip(slots, parts, strict=True):
+                node[k] = part.decode("utf-8", "surrogatepass")
+            out = doc[0] if unwrap else doc
+            return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+        return self._finish(MaskPlan("json", segments, _assemble=assemble))
+
+    def _plan_form(self, content: bytes) -> MaskPlan:
+        text = content.decode("utf-8", "surrogateescape")
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
+        segments = [Segment(v.encode("utf-8", "surrogateescape"), []) for _, v in pairs]
+        for seg in segments:
+            seg.hits = self.scanner.scan(seg.data)
+
+        def assemble(parts: list[bytes]) -> bytes:
+            if all(not s.hits for s in segments):
+                return content
+            new = [(k, p.decode("utf-8", "surrogateescape")) for (k, _), p in zip(pairs, parts, strict=True)]
+            return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
+
+        return self._finish(MaskPlan("form", segments, _assemble=assemble))
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN/Infinity are not JSON; re-serialising them would change the body. Mask such a body as text.
+    raise ValueError(f"non-standard JSON constant {name}")

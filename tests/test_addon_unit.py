@@ -1,0 +1,146 @@
+"""The mitmproxy glue, driven with mitmproxy's own test helpers (taddons, tflow): options and hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow, tutils
+
+from aws_masker.addon import AwsMasker
+from aws_masker.store import StoreUnavailable
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "why is i-0123456789abcdef0 down?"}]}
+
+
+def make_flow(body: bytes, host: str = "api.anthropic.com", headers: dict[str, str] | None = None):
+    req = tutils.treq(host=host, port=443, scheme=b"https", path=b"/v1/messages", content=body)
+    req.headers["content-type"] = "application/json"
+    for k, v in (headers or {}).items():
+        req.headers[k] = v
+    return tflow.tflow(req=req)
+
+
+def run(coro):
+    return asyncio.get_event_loop().run_until_complete(coro)
+
+
+@pytest.fixture
+def masker():
+    addon = AwsMasker()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        yield addon, tctx
+
+
+def test_request_masked_and_reply_restored(masker) -> None:
+    addon, tctx = masker
+    f = make_flow(json.dumps(BODY).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is None
+    assert b"i-0123456789abcdef0" not in f.request.content
+    token = json.loads(f.request.content)["messages"][0]["content"].split()[2]
+    assert token.startswith("AWS_EC2_INSTANCE_")
+    assert f.request.headers["accept-encoding"] == "identity"
+    f.response = tutils.tresp(content=json.dumps({"content": [{"text": f"{token} is down"}]}).encode())
+    f.response.headers["content-type"] = "application/json"
+    addon.response(f)
+    assert json.loads(f.response.content) == {"content": [{"text": "i-0123456789abcdef0 is down"}]}
+    assert "masked 1" in f.comment and "restored 1" in f.comment
+    assert addon.flows == {}
+
+
+def test_other_hosts_are_untouched(masker) -> None:
+    addon, tctx = masker
+    body = json.dumps(BODY).encode()
+    f = make_flow(body, host="example.com")
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.request.content == body and f.response is None
+
+
+def test_unknown_encoding_blocked_with_415(masker) -> None:
+    addon, tctx = masker
+    f = make_flow(b"\x00garbage", headers={"content-encoding": "snappy"})
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is not None and f.response.status_code == 415
+    err = json.loads(f.response.content)
+    assert err["type"] == "error" and err["error"]["message"].startswith("aws-masker: ")
+    assert "snappy" in err["error"]["message"] and f.marked
+
+
+def test_gzip_request_is_decoded_masked_and_reencoded(masker) -> None:
+    addon, tctx = masker
+    f = make_flow(b"", headers={"content-encoding": "gzip"})
+    f.request.raw_content = gzip.compress(json.dumps(BODY).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is None and f.request.headers["content-encoding"] == "gzip"
+    assert b"i-0123456789abcdef0" not in gzip.decompress(f.request.raw_content)
+
+
+def test_too_large_blocked_with_413(masker) -> None:
+    addon, tctx = masker
+    tctx.configure(addon, masker_max_body=100)
+    f = make_flow(json.dumps({"x": "a" * 200}).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is not None and f.response.status_code == 413
+
+
+def test_store_unavailable_blocked_with_503_or_forwarded_when_fail_open(masker) -> None:
+    addon, tctx = masker
+
+    class DeadStore:
+        name = "dead"
+
+        async def placeholders_for(self, items):
+            raise StoreUnavailable("connection refused")
+
+    addon.store = DeadStore()
+    f = make_flow(json.dumps(BODY).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is not None and f.response.status_code == 503
+    assert "connection refused" in json.loads(f.response.content)["error"]["message"]
+
+    tctx.configure(addon, masker_fail_open=True)
+    f = make_flow(json.dumps(BODY).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is None and addon.fail_open_count == 1
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), [
+    ("masker_env", "staging", "masker_env: 'staging'"),
+    ("masker_max_body", 0, "masker_max_body: 0"),
+    ("masker_hosts", ["api.anthropic.com", "bad:host:"], "masker_hosts"),
+])
+def test_bad_options_name_option_and_value(masker, option, value, needle) -> None:
+    addon, tctx = masker
+    with pytest.raises(exceptions.OptionsError, match=needle):
+        tctx.configure(addon, **{option: value})
+
+
+def test_broken_rule_file_names_file_rule_and_problem(masker, tmp_path: Path) -> None:
+    addon, tctx = masker
+    bad = tmp_path / "team.yaml"
+    bad.write_text("rules:\n  - id: team-host\n    description: d\n    regex: '(unclosed'\n"
+                   "    placeholder: TEAM_HOST\n    examples: ['x']\n")
+    with pytest.raises(exceptions.OptionsError) as e:
+        tctx.configure(addon, masker_rules=[str(bad)])
+    assert str(bad) in str(e.value) and "team-host" in str(e.value) and "does not compile" in str(e.value)
+
+
+def test_user_rule_failing_its_examples_is_refused(masker, tmp_path: Path) -> None:
+    addon, tctx = masker
+    rule = tmp_path / "team.yaml"
+    rule.write_text("rules:\n  - id: team-host\n    description: internal hosts\n"
+                    "    regex: '\\b[a-z]+\\.corp\\.example\\b'\n    placeholder: TEAM_HOST\n"
+                    "    examples: ['db1.corp.example']\n")
+    with pytest.raises(exceptions.OptionsError, match=r"team-host.*db1"):
+        tctx.configure(addon, masker_rules=[str(rule)])
+    rule.write_text(rule.read_text().replace("[a-z]+", "[a-z0-9]+"))
+    tctx.configure(addon, masker_rules=[str(rule)])
+    f = make_flow(json.dumps({"messages": [{"role": "user", "content": "ssh db1.corp.example"}]}).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert b"db1.corp.example" not in f.request.content and b"AWS_TEAM_HOST_0001" in f.request.content

@@ -1,0 +1,171 @@
+"""Masking and restoring bodies, without a proxy: formats, edge cases, and the round-trip property."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aws_masker.masking import BodyMasker
+from aws_masker.placeholders import TOKEN_RE, format_placeholder, restore_bytes
+from aws_masker.rules import load_rules
+from aws_masker.scanner import Scanner
+from aws_masker.store import MemoryStore
+
+RULES = load_rules()
+SCANNER = Scanner(RULES)
+MASKER = BodyMasker(SCANNER)
+
+IDS = [
+    "i-0a1b2c3d4e5f60718",
+    "i-0123abcd",
+    "arn:aws:iam::123456789012:role/DeployRole",
+    "arn:aws-us-gov:s3:::gov-bucket-logs",
+]
+IDENTIFYING = ["i-0a1b2c3d4e5f60718", "i-0123abcd", "123456789012", "DeployRole", "gov-bucket-logs"]
+
+
+def mask(content: bytes, ctype: str = "",
+         store: MemoryStore | None = None) -> tuple[bytes, dict[bytes, bytes]]:
+    store = store or MemoryStore()
+    plan = MASKER.plan(content, ctype)
+    placeholders = asyncio.run(store.placeholders_for(plan.items))
+    return plan.render(placeholders)
+
+
+def test_json_strings_masked_at_any_depth_keys_and_numbers_stay() -> None:
+    doc = {
+        "model": "claude",
+        "max_tokens": 1024,
+        "temperature": 0.5,
+        "system": "You help with i-0a1b2c3d4e5f60718",
+        "messages": [{"role": "user", "content": [{"type": "tool_result", "content": [
+            {"type": "text", "text": "role arn:aws:iam::123456789012:role/DeployRole"}]}]}],
+        "i-0123abcd": ["nested", {"deeper": ["x i-0123abcd y"]}],
+    }
+    out, mapping = mask(json.dumps(doc).encode(), "application/json")
+    masked = json.loads(out)
+    assert masked["model"] == "claude" and masked["max_tokens"] == 1024 and masked["temperature"] == 0.5
+    assert "i-0123abcd" in masked  # keys stay
+    for ident in IDENTIFYING[:4]:
+        assert ident.encode() not in out.replace(b'"i-0123abcd":', b"")
+    text = masked["messages"][0]["content"][0]["content"][0]["text"]
+    assert text.startswith("role arn:aws:iam::AWS_ACCOUNT_")
+    restored, n = restore_bytes(out, mapping)
+    assert json.loads(restored) == doc
+    assert n == 4
+
+
+def test_same_original_same_placeholder_different_originals_differ() -> None:
+    store = MemoryStore()
+    out1, _ = mask(b"a i-0123abcd b i-0123abcd c i-89abcdef", store=store)
+    out2, _ = mask(b"later i-0123abcd", store=store)
+    tokens1 = TOKEN_RE.findall(out1)
+    assert tokens1[0] == tokens1[1] != tokens1[2]
+    assert TOKEN_RE.findall(out2) == [tokens1[0]]
+
+
+def test_text_without_identifiers_is_returned_unchanged() -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "deploy m5.large in us-east-1a"}]},
+                      indent=2).encode()
+    out, mapping = mask(body, "application/json")
+    assert out is body and mapping == {}
+
+
+def test_form_bodies_are_decoded_masked_and_reencoded() -> None:
+    body = b"q=instance+i-0123abcd&x=%22arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2FDeployRole%22&empty="
+    out, mapping = mask(body, "application/x-www-form-urlencoded")
+    assert b"i-0123abcd" not in out and b"123456789012" not in out and b"DeployRole" not in out
+    assert out.endswith(b"&empty=")
+    from urllib.parse import parse_qsl
+
+    pairs = parse_qsl(out.decode(), keep_blank_values=True)
+    restored = [(k, restore_bytes(v.encode(), mapping)[0].decode()) for k, v in pairs]
+    assert restored == parse_qsl(body.decode(), keep_blank_values=True)
+
+
+def test_malformed_json_is_masked_as_text() -> None:
+    body = b'{"messages": [ "i-0123abcd" ,, }'
+    out, mapping = mask(body, "application/json")
+    assert b"i-0123abcd" not in out
+    assert restore_bytes(out, mapping)[0] == body
+
+
+def test_json_nested_deeper_than_the_parser_allows_is_masked_as_text() -> None:
+    body = b'{"a":' * 5000 + b'"i-0123abcd"' + b"}" * 5000
+    out, mapping = mask(body, "application/json")
+    assert b"i-0123abcd" not in out
+    assert restore_bytes(out, mapping)[0] == body
+
+
+def test_invalid_utf8_is_masked_bytewise() -> None:
+    body = b"\xff\xfe broken \xc3 i-0123abcd \x80 arn:aws:iam::123456789012:role/DeployRole"
+    out, mapping = mask(body, "text/plain")
+    assert b"i-0123abcd" not in out and b"123456789012" not in out
+    assert restore_bytes(out, mapping)[0] == body
+
+
+def test_json_escapes_around_identifiers() -> None:
+    doc = {"text": "line1\ni-0123abcd\t\"i-89abcdef\"\\é i-0a1b2c3d4e5f60718"}
+    for ensure_ascii in (True, False):
+        body = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+        out, mapping = mask(body, "application/json")
+        for ident in ("i-0123abcd", "i-89abcdef", "i-0a1b2c3d4e5f60718"):
+            assert ident.encode() not in out
+        assert json.loads(restore_bytes(out, mapping)[0]) == doc
+
+
+def test_gzip_bodies_are_the_callers_job_but_bytes_survive() -> None:
+    # The addon decodes Content-Encoding before masking; masking compressed bytes finds nothing.
+    raw = gzip.compress(b"i-0123abcd")
+    assert MASKER.plan(raw, "application/octet-stream").items == []
+
+
+def test_placeholder_counter_never_reads_as_a_shorter_one() -> None:
+    mapping = {format_placeholder("EC2_INSTANCE", n): f"i-{n:08x}".encode() for n in range(1, 1201)}
+    text = b" ".join(format_placeholder("EC2_INSTANCE", n) for n in (100, 1000, 10, 1, 1200))
+    restored, _ = restore_bytes(text, mapping)
+    assert restored == b"i-00000064 i-000003e8 i-0000000a i-00000001 i-000004b0"
+    # A token that is not in this flow's mapping stays as typed.
+    assert restore_bytes(b"AWS_EC2_INSTANCE_99999", mapping)[0] == b"AWS_EC2_INSTANCE_99999"
+
+
+def test_placeholder_typed_by_the_client_is_not_restored_from_another_flow() -> None:
+    store = MemoryStore()
+    _, first = mask(b"i-0123abcd", store=store)
+    token = next(iter(first))
+    out, mapping = mask(b"the literal " + token, store=store)
+    assert out == b"the literal " + token and mapping == {}
+    assert restore_bytes(b"echo " + token, mapping)[0] == b"echo " + token
+
+
+FILLER = st.text(
+    alphabet=st.sampled_from(list(" \n\t,.:;\"'()[]{}=/-_abcXYZ019é→")), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(FILLER, st.sampled_from(IDS + [""])), max_size=12), FILLER)
+def test_property_restore_of_mask_is_identity(parts: list[tuple[str, str]], tail: str) -> None:
+    text = ("".join(f + i for f, i in parts) + tail).encode()
+    out, mapping = mask(text, "text/plain")
+    assert restore_bytes(out, mapping)[0] == text
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_identifiers_at_every_position_never_leak(seed: int) -> None:
+    rnd = random.Random(seed)
+    words = ["deploy", "the", "stack", "us-east-1", "m5.large", "v1.2.3", "->", "(", ")", "'", '"']
+    parts = []
+    for _ in range(60):
+        parts.append(rnd.choice(words + IDS))
+        parts.append(rnd.choice([" ", "\n", ", ", " / ", ": ", "\t", "; "]))
+    text = "".join(parts).encode()
+    out, mapping = mask(text)
+    assert restore_bytes(out, mapping)[0] == text
+    leaked = [i for i in IDENTIFYING if i.encode() in out]
+    assert not leaked, (leaked, text)
