@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .rules import TEMPLATE_RE, Rule
 
@@ -23,7 +24,7 @@ try:  # pragma: no cover - depends on the platform
 
     HAVE_HYPERSCAN = True
 except ImportError:  # pragma: no cover
-    hyperscan = None
+    hyperscan = None  # type: ignore[assignment]
     HAVE_HYPERSCAN = False
 
 _NAMED_GROUP = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
@@ -51,7 +52,7 @@ class Scanner:
             raise RuntimeError("the hyperscan module is not installed")
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
-        self._db = None
+        self._db: Any = None
         self._python_rules: list[int] = list(range(len(self.rules)))
         if engine != "python" and HAVE_HYPERSCAN:
             self._compile_hyperscan()
