@@ -9,6 +9,7 @@ run as Python regexes behind their keyword prefilters; both engines return the s
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ class Scanner:
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._db: Any = None
+        self._kind_cache: dict[tuple[bytes, str, re.Pattern[bytes]], str] = {}
         self._python_rules: list[int] = list(range(len(self.rules)))
         if engine != "python" and HAVE_HYPERSCAN:
             self._compile_hyperscan()
@@ -62,10 +64,10 @@ class Scanner:
         assert hyperscan is not None
         flags = hyperscan.HS_FLAG_SOM_LEFTMOST
         ok: list[int] = []
+        patterns = [_to_hyperscan(r.anchor or r.regex) for r in self.rules]
         for i, rule in enumerate(self.rules):
             try:
-                hyperscan.Database().compile(expressions=[_to_hyperscan(rule.regex)], ids=[i],
-                                             elements=1, flags=[flags])
+                hyperscan.Database().compile(expressions=[patterns[i]], ids=[i], elements=1, flags=[flags])
             except hyperscan.error as e:
                 log.info("rule %s runs on Python re (Hyperscan: %s)", rule.id, e)
                 continue
@@ -73,8 +75,7 @@ class Scanner:
         if not ok:
             return
         db = hyperscan.Database()
-        db.compile(expressions=[_to_hyperscan(self.rules[i].regex) for i in ok], ids=ok,
-                   elements=len(ok), flags=[flags] * len(ok))
+        db.compile(expressions=[patterns[i] for i in ok], ids=ok, elements=len(ok), flags=[flags] * len(ok))
         self._db = db
         hs = set(ok)
         self._python_rules = [i for i in range(len(self.rules)) if i not in hs]
@@ -159,22 +160,39 @@ class Scanner:
             if s < 0 or s == e:
                 continue
             if len(targets) > 1:
-                # A group that is on its own an identifier of another rule (the instance ID in an
-                # instance ARN) takes that rule's kind, so it gets the same placeholder everywhere.
-                inner = self.scan(m.string[s:e])
-                if len(inner) == 1 and inner[0].start == 0 and inner[0].end == e - s:
-                    kind = inner[0].kind
-            if "{" in kind:
-                kind = TEMPLATE_RE.sub(lambda g: _kind_part(m.group(g.group(1))), kind)
+                kind = self._group_kind(m.string[s:e], kind, m)
+            elif "{" in kind:
+                kind = _fill_template(kind, m)
             out.append(Hit(s, e, kind, rule.id))
         out.sort(key=lambda h: h.start)
         return out
+
+    def _group_kind(self, value: bytes, kind: str, m: re.Match[bytes]) -> str:
+        """A group that is on its own an identifier of another rule (the instance ID in an instance ARN)
+        takes that rule's kind, so it gets the same placeholder everywhere."""
+        key = (value, kind, m.re)
+        cached = self._kind_cache.get(key)
+        if cached is None:
+            inner = self.scan(value)
+            if len(inner) == 1 and inner[0].start == 0 and inner[0].end == len(value):
+                cached = inner[0].kind
+            else:
+                cached = _fill_template(kind, m) if "{" in kind else kind
+            if len(self._kind_cache) > 10_000:
+                self._kind_cache.clear()
+            self._kind_cache[key] = cached
+        return cached
 
     def scan_values(self, data: bytes) -> list[bytes]:
         """The masked substrings of ``data`` (for rule examples and tools)."""
         return [data[h.start:h.end] for h in self.scan(data)]
 
 
+def _fill_template(kind: str, m: re.Match[bytes]) -> str:
+    return TEMPLATE_RE.sub(lambda g: _kind_part(m.group(g.group(1))), kind)
+
+
+@functools.lru_cache(maxsize=1024)
 def _kind_part(value: bytes | None) -> str:
     text = (value or b"").decode("ascii", "replace").upper()
     text = re.sub(r"[^A-Z0-9]+", "_", text).strip("_")
