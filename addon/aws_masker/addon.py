@@ -5,6 +5,7 @@ Hooks stay short; the work happens in rules/scanner/masking/store/streaming.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mitmproxy import addonmanager, ctx, exceptions, http, tls
 
@@ -38,6 +40,10 @@ DEFAULT_HOSTS = (
     "openrouter.ai",
 )
 ENVS = ("production", "development")
+STORES = ("auto", "memory", "redis")
+SCOPES = ("request", "namespace")
+STORE_OPTIONS = {"masker_store", "masker_redis_url", "masker_namespace", "masker_ttl", "masker_max_entries",
+                 "masker_store_key"}
 
 
 @dataclass
@@ -110,6 +116,9 @@ class AwsMasker:
         self.host_ports: frozenset[tuple[str, int]] = frozenset()
         self.flows: dict[str, FlowState] = {}
         self.fail_open_count = 0
+        self.redis: Any = None  # the one Redis client (and pool) of this process: store and events
+        self._redis_url = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- options -------------------------------------------------------------------------------------
 
@@ -135,14 +144,49 @@ class AwsMasker:
             "instead of answering it with an error. Off by default: nothing leaves unmasked.",
         )
         loader.add_option(
+            "masker_store", str, "auto",
+            "Where placeholder mappings live: auto (Redis when masker_redis_url is set, else memory), "
+            "memory, or redis.",
+        )
+        loader.add_option(
+            "masker_redis_url", str, "",
+            "Redis for shared mappings and events, e.g. redis://host:6379/0, rediss://:password@host:6380/0.",
+        )
+        loader.add_option(
+            "masker_namespace", str, "aws-masker",
+            "Prefix of every Redis key, so several teams or environments can share one Redis.",
+        )
+        loader.add_option(
+            "masker_ttl", int, 604800,
+            "Seconds a mapping lives after its last use (default 7 days).",
+        )
+        loader.add_option(
+            "masker_max_entries", int, 100000,
+            "Most mappings the memory store keeps (least recently used go first).",
+        )
+        loader.add_option(
+            "masker_store_key", str, "",
+            "Secret (at least 16 characters), or the path of a file holding it, for the Redis store: keys "
+            "the HMAC of Redis key names and encrypts stored originals with AES-GCM. Without it originals "
+            "are stored as they are and the HMAC key is generated once and kept in Redis.",
+        )
+        loader.add_option(
+            "masker_unmask_scope", str, "request",
+            "request: a reply is restored only with the mappings of its own request. namespace: any "
+            "placeholder of the namespace (for stateful APIs such as OpenAI Responses with "
+            "previous_response_id).",
+        )
+        loader.add_option(
             "masker_env", str, "production",
             "production or development: how much detail logs carry (development adds placeholders "
             "and rule hits per flow). Originals never appear in logs in either.",
         )
 
     def configure(self, updated: set[str]) -> None:
-        if self.scanner is None:  # first call: everything counts as updated
+        first = self.scanner is None
+        if first:  # first call: everything counts as updated
             updated = updated | {"masker_env", "masker_max_body", "masker_hosts", "masker_rules"}
+        self._configure_store(updated, first)
         if "masker_env" in updated and ctx.options.masker_env not in ENVS:
             raise exceptions.OptionsError(
                 f"masker_env: {ctx.options.masker_env!r} is not one of {', '.join(ENVS)}")
@@ -153,6 +197,72 @@ class AwsMasker:
             self.hosts, self.host_ports = _parse_hosts(ctx.options.masker_hosts)
         if "masker_rules" in updated:
             self._load_rules(ctx.options.masker_rules)
+
+    def _configure_store(self, updated: set[str], first: bool) -> None:
+        opts = ctx.options
+        for name, allowed in (("masker_store", STORES), ("masker_unmask_scope", SCOPES)):
+            if name in updated and getattr(opts, name) not in allowed:
+                raise exceptions.OptionsError(
+                    f"{name}: {getattr(opts, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("masker_ttl", "masker_max_entries"):
+            if getattr(opts, name) < 1:
+                raise exceptions.OptionsError(f"{name}: {getattr(opts, name)} must be at least 1")
+        if not first and not updated & STORE_OPTIONS:
+            return
+        kind = opts.masker_store
+        if kind == "auto":
+            kind = "redis" if opts.masker_redis_url else "memory"
+        if kind == "memory":
+            new_store: Store = MemoryStore(opts.masker_max_entries, opts.masker_ttl)
+        else:
+            new_store = self._make_redis_store()
+        old, self.store = self.store, new_store
+        self._close_later(old)
+        log.info("aws-masker: %s mapping store (namespace %s, ttl %ds, unmask scope %s)", new_store.name,
+                 opts.masker_namespace, opts.masker_ttl, opts.masker_unmask_scope)
+
+    def _make_redis_store(self) -> Store:
+        from .redis_store import RedisStore, keys_from_secret, load_store_key, make_redis_client
+
+        opts = ctx.options
+        if not opts.masker_redis_url:
+            raise exceptions.OptionsError("masker_store: 'redis' needs masker_redis_url")
+        if not opts.masker_redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise exceptions.OptionsError(
+                f"masker_redis_url: {_redact_url(opts.masker_redis_url)!r} is not a redis://, rediss:// or "
+                "unix:// URL")
+        hmac_key = enc_key = None
+        if opts.masker_store_key:
+            try:
+                hmac_key, enc_key = keys_from_secret(load_store_key(opts.masker_store_key))
+            except ValueError as e:
+                raise exceptions.OptionsError(f"masker_store_key: {e}") from None
+        if self.redis is None or self._redis_url != opts.masker_redis_url:
+            self._close_later(self.redis)
+            try:
+                self.redis = make_redis_client(opts.masker_redis_url)
+            except ValueError as e:
+                raise exceptions.OptionsError(
+                    f"masker_redis_url: {_redact_url(opts.masker_redis_url)!r}: {e}") from None
+            self._redis_url = opts.masker_redis_url
+        try:
+            return RedisStore(self.redis, opts.masker_namespace, opts.masker_ttl, hmac_key=hmac_key,
+                              enc_key=enc_key)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"masker_namespace: {opts.masker_namespace!r}: {e}") from None
+
+    def _close_later(self, thing: object) -> None:
+        """Close a replaced store or Redis client in the background (configure() is synchronous)."""
+        close = getattr(thing, "aclose", None) or getattr(thing, "close", None)
+        if close is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _load_rules(self, extra: Sequence[str]) -> None:
         try:
@@ -293,6 +403,11 @@ class AwsMasker:
 
     def done(self) -> None:
         self.flows.clear()
+
+
+def _redact_url(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _builtin_sources() -> set[str]:

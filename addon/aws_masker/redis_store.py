@@ -280,7 +280,7 @@ class RedisStore:
     name = "redis"
 
     def __init__(self, client_or_pool: Redis | ConnectionPool, namespace: str = DEFAULT_NAMESPACE,
-                 ttl: int = DEFAULT_TTL, *, hmac_key: bytes, enc_key: bytes | None = None,
+                 ttl: int = DEFAULT_TTL, *, hmac_key: bytes | None, enc_key: bytes | None = None,
                  previous_keys: Sequence[tuple[bytes, bytes | None]] = (), chunk_size: int = CHUNK_SIZE,
                  owns_client: bool = False) -> None:
         if isinstance(client_or_pool, ConnectionPool):
@@ -295,13 +295,15 @@ class RedisStore:
             raise ValueError("invalid Redis namespace")
         if int(ttl) < 1:
             raise ValueError("ttl must be at least 1 second")
-        if len(hmac_key) < 16:
+        if hmac_key is not None and len(hmac_key) < 16:
             raise ValueError("hmac_key too short")
         self.namespace = namespace
         self.ttl = int(ttl)
         self.chunk_size = max(1, chunk_size)
         self._prefix = namespace + ":"
-        self._hmac_keys = [hmac_key]
+        # Without a configured secret (hmac_key None) the HMAC key is generated once per namespace and kept
+        # in Redis (``{ns}:meta:hmac-key``), so every proxy of the namespace uses the same one.
+        self._hmac_keys: list[bytes] = [hmac_key] if hmac_key is not None else []
         for h, _ in previous_keys:
             if h not in self._hmac_keys:
                 self._hmac_keys.append(h)
@@ -309,7 +311,7 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, ttl: int = DEFAULT_TTL, *,
-                 hmac_key: bytes, enc_key: bytes | None = None,
+                 hmac_key: bytes | None, enc_key: bytes | None = None,
                  previous_keys: Sequence[tuple[bytes, bytes | None]] = (), chunk_size: int = CHUNK_SIZE,
                  **client_kwargs: Any) -> RedisStore:
         """A store with its own client, closed by ``close()``; ``client_kwargs`` go to ``make_redis_pool``."""
@@ -331,9 +333,25 @@ class RedisStore:
         return b"aws-masker v1\0" + self._prefix.encode() + b"\0" + kind
 
     # -- Store protocol -------------------------------------------------------------------------------
+    async def _shared_hmac_key(self) -> None:
+        key = self._prefix + "meta:hmac-key"
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(key, os.urandom(32), nx=True)
+                pipe.get(key)
+                _, value = await pipe.execute()
+        except (rexc.RedisError, OSError) as e:
+            raise StoreUnavailable(_reason(e)) from None
+        if not isinstance(value, bytes) or len(value) < 16:
+            raise StoreUnavailable("redis error (bad shared hmac key)")
+        if not self._hmac_keys:
+            self._hmac_keys.append(value)
+
     async def placeholders_for(self, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
         if not items:
             return []
+        if not self._hmac_keys:
+            await self._shared_hmac_key()
         calls = []
         for start in range(0, len(items), self.chunk_size):
             chunk = items[start:start + self.chunk_size]

@@ -61,22 +61,14 @@ class Scanner:
         self.engine = "hyperscan" if self._db is not None else "python"
 
     def _compile_hyperscan(self) -> None:
-        assert hyperscan is not None
-        flags = hyperscan.HS_FLAG_SOM_LEFTMOST
-        ok: list[int] = []
-        patterns = [_to_hyperscan(r.anchor or r.regex) for r in self.rules]
-        for i, rule in enumerate(self.rules):
-            try:
-                hyperscan.Database().compile(expressions=[patterns[i]], ids=[i], elements=1, flags=[flags])
-            except hyperscan.error as e:
-                log.info("rule %s runs on Python re (Hyperscan: %s)", rule.id, e)
-                continue
-            ok.append(i)
-        if not ok:
-            return
-        db = hyperscan.Database()
-        db.compile(expressions=[patterns[i] for i in ok], ids=ok, elements=len(ok), flags=[flags] * len(ok))
-        self._db = db
+        patterns = tuple(_to_hyperscan(r.anchor or r.regex) for r in self.rules)
+        cached = _HS_CACHE.get(patterns)
+        if cached is None:
+            cached = _compile_hyperscan(patterns, [r.id for r in self.rules])
+            if len(_HS_CACHE) >= 8:
+                _HS_CACHE.pop(next(iter(_HS_CACHE)))
+            _HS_CACHE[patterns] = cached
+        self._db, ok = cached
         hs = set(ok)
         self._python_rules = [i for i in range(len(self.rules)) if i not in hs]
 
@@ -186,6 +178,38 @@ class Scanner:
     def scan_values(self, data: bytes) -> list[bytes]:
         """The masked substrings of ``data`` (for rule examples and tools)."""
         return [data[h.start:h.end] for h in self.scan(data)]
+
+
+# Compiled databases by pattern tuple: building the same catalog again (reloads, tests) costs nothing.
+_HS_CACHE: dict[tuple[bytes, ...], tuple[Any, list[int]]] = {}
+
+
+def _compile_hyperscan(patterns: tuple[bytes, ...], rule_ids: list[str]) -> tuple[Any, list[int]]:
+    """Compile every pattern Hyperscan accepts into one database; return it and the ids it covers."""
+    assert hyperscan is not None
+    flags = hyperscan.HS_FLAG_SOM_LEFTMOST
+
+    def compile_db(ids: list[int]) -> Any:
+        db = hyperscan.Database()
+        db.compile(expressions=[patterns[i] for i in ids], ids=ids, elements=len(ids),
+                   flags=[flags] * len(ids))
+        return db
+
+    ok = list(range(len(patterns)))
+    try:
+        db = compile_db(ok)
+    except hyperscan.error:
+        # Find the rules Hyperscan cannot take; they run on Python re.
+        ok = []
+        for i, rule_id in enumerate(rule_ids):
+            try:
+                compile_db([i])
+            except hyperscan.error as e:
+                log.info("rule %s runs on Python re (Hyperscan: %s)", rule_id, e)
+                continue
+            ok.append(i)
+        db = compile_db(ok) if ok else None
+    return db, ok
 
 
 def _fill_template(kind: str, m: re.Match[bytes]) -> str:
