@@ -48,7 +48,7 @@ def test_request_masked_and_reply_restored(masker) -> None:
     assert f.request.headers["accept-encoding"] == "identity"
     f.response = tutils.tresp(content=json.dumps({"content": [{"text": f"{token} is down"}]}).encode())
     f.response.headers["content-type"] = "application/json"
-    addon.response(f)
+    tctx.master.event_loop.run_until_complete(addon.response(f))
     assert json.loads(f.response.content) == {"content": [{"text": "i-0123456789abcdef0 is down"}]}
     assert "masked 1" in f.comment and "restored 1" in f.comment
     assert addon.flows == {}

@@ -20,7 +20,7 @@ from mitmproxy import addonmanager, ctx, exceptions, http, tls
 
 from .errors import Blocked, error_response
 from .masking import BodyMasker
-from .placeholders import restore_bytes
+from .placeholders import PREFIX, TOKEN_RE, restore_bytes
 from .rules import RuleError, check_examples, load_rules
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
@@ -56,17 +56,15 @@ class FlowState:
     mask_ms: float
     restored: int = 0
     restored_rules: Counter[str] = field(default_factory=Counter)
-    _json_mapping: dict[bytes, bytes] | None = None
 
-    def json_mapping(self) -> dict[bytes, bytes]:
-        """Originals escaped for use inside JSON strings."""
-        if self._json_mapping is None:
-            self._json_mapping = {
-                p: json.dumps(o.decode("utf-8", "surrogateescape"), ensure_ascii=False)[1:-1].encode(
-                    "utf-8", "surrogateescape")
-                for p, o in self.mapping.items()
-            }
-        return self._json_mapping
+
+def json_escaped(mapping: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Originals escaped for use inside JSON strings."""
+    return {
+        p: json.dumps(o.decode("utf-8", "surrogateescape"), ensure_ascii=False)[1:-1].encode(
+            "utf-8", "surrogateescape")
+        for p, o in mapping.items()
+    }
 
 
 _HOSTNAME = re.compile(r"^[a-z0-9_*](?:[a-z0-9_.-]*[a-z0-9_])?$")
@@ -378,9 +376,9 @@ class AwsMasker:
 
     # -- replies -------------------------------------------------------------------------------------
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         state = self.flows.pop(flow.id, None)
-        if state is None or flow.response is None or not state.mapping:
+        if state is None or flow.response is None:
             return
         resp = flow.response
         try:
@@ -391,12 +389,29 @@ class AwsMasker:
             return
         if not content:
             return
+        mapping = await self._reply_mapping(state, content)
+        if not mapping:
+            return
         is_json = "json" in resp.headers.get("content-type", "").lower()
-        restored, n = restore_bytes(content, state.json_mapping() if is_json else state.mapping)
+        restored, n = restore_bytes(content, json_escaped(mapping) if is_json else mapping)
         if n:
             resp.content = restored
         state.restored = n
         flow.comment = (flow.comment + "; " if flow.comment else "aws-masker: ") + f"restored {n}"
+
+    async def _reply_mapping(self, state: FlowState, content: bytes) -> dict[bytes, bytes]:
+        """This flow's mappings; with namespace scope also any other placeholder of the namespace."""
+        if ctx.options.masker_unmask_scope != "namespace" or PREFIX not in content:
+            return state.mapping
+        unknown = [t for t in dict.fromkeys(TOKEN_RE.findall(content)) if t not in state.mapping]
+        if not unknown:
+            return state.mapping
+        try:
+            extra = await self.store.originals_for(unknown)
+        except StoreUnavailable as e:
+            log.warning("aws-masker: namespace restore skipped, store unavailable: %s", e)
+            return state.mapping
+        return {**state.mapping, **extra}
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.flows.pop(flow.id, None)
