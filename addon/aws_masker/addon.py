@@ -19,8 +19,10 @@ from typing import Any
 from mitmproxy import addonmanager, ctx, exceptions, http, tls
 
 from .errors import Blocked, error_response
+from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .masking import BodyMasker
 from .placeholders import PREFIX, TOKEN_RE, restore_bytes
+from .redis_store import RedisStore, keys_from_secret, load_store_key, make_redis_client
 from .rules import RuleError, check_examples, load_rules
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
@@ -42,6 +44,8 @@ DEFAULT_HOSTS = (
 ENVS = ("production", "development")
 STORES = ("auto", "memory", "redis")
 SCOPES = ("request", "namespace")
+EVENT_OPTIONS = {"masker_events_channel", "masker_events_stream", "masker_events_stream_maxlen",
+                 "masker_event_sample_rate", "masker_event_batch_size", "masker_event_flush_ms"}
 STORE_OPTIONS = {"masker_store", "masker_redis_url", "masker_namespace", "masker_ttl", "masker_max_entries",
                  "masker_store_key"}
 
@@ -50,12 +54,16 @@ STORE_OPTIONS = {"masker_store", "masker_redis_url", "masker_namespace", "masker
 class FlowState:
     """What the addon remembers about one masked flow until its reply is done."""
 
-    mapping: dict[bytes, bytes]
-    rule_counts: Counter[str]
+    mapping: dict[bytes, bytes]  # placeholder -> original, this request's only
+    rule_counts: Counter[str]  # rule id -> identifiers masked
     masked: int
     mask_ms: float
+    placeholder_rules: dict[bytes, str] = field(default_factory=dict)
     restored: int = 0
-    restored_rules: Counter[str] = field(default_factory=Counter)
+    restored_placeholders: Counter[bytes] = field(default_factory=Counter)
+    restore_ms: float = 0.0
+    streamed: bool = False
+    reply_bytes: int = 0
 
 
 def json_escaped(mapping: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -116,6 +124,7 @@ class AwsMasker:
         self.fail_open_count = 0
         self.redis: Any = None  # the one Redis client (and pool) of this process: store and events
         self._redis_url = ""
+        self.events: EventPublisher | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- options -------------------------------------------------------------------------------------
@@ -175,6 +184,31 @@ class AwsMasker:
             "previous_response_id).",
         )
         loader.add_option(
+            "masker_events_channel", str, "aws-masker:events",
+            "Redis Pub/Sub channel for monitoring events (needs masker_redis_url); empty disables Pub/Sub.",
+        )
+        loader.add_option(
+            "masker_events_stream", str, "",
+            "Also append events to this Redis Stream (for consumers that must not miss events).",
+        )
+        loader.add_option(
+            "masker_events_stream_maxlen", int, 100000,
+            "Approximate MAXLEN of the events stream.",
+        )
+        loader.add_option(
+            "masker_event_sample_rate", str, "1.0",
+            "Share of flows whose events are published, 0 to 1 (per flow: a flow's mask and unmask events "
+            "go together). Block events are always published.",
+        )
+        loader.add_option(
+            "masker_event_batch_size", int, 1,
+            "Events per Pub/Sub message (1 to 1000); above 1 events go out as batches.",
+        )
+        loader.add_option(
+            "masker_event_flush_ms", int, 1000,
+            "Longest time an event waits for its batch, in milliseconds.",
+        )
+        loader.add_option(
             "masker_env", str, "production",
             "production or development: how much detail logs carry (development adds placeholders "
             "and rule hits per flow). Originals never appear in logs in either.",
@@ -185,6 +219,7 @@ class AwsMasker:
         if first:  # first call: everything counts as updated
             updated = updated | {"masker_env", "masker_max_body", "masker_hosts", "masker_rules"}
         self._configure_store(updated, first)
+        self._configure_events(updated, first)
         if "masker_env" in updated and ctx.options.masker_env not in ENVS:
             raise exceptions.OptionsError(
                 f"masker_env: {ctx.options.masker_env!r} is not one of {', '.join(ENVS)}")
@@ -219,35 +254,69 @@ class AwsMasker:
         log.info("aws-masker: %s mapping store (namespace %s, ttl %ds, unmask scope %s)", new_store.name,
                  opts.masker_namespace, opts.masker_ttl, opts.masker_unmask_scope)
 
-    def _make_redis_store(self) -> Store:
-        from .redis_store import RedisStore, keys_from_secret, load_store_key, make_redis_client
+    def _redis_client(self) -> Any:
+        """The one Redis client (and connection pool) of this process, shared by the store and events."""
+        url = ctx.options.masker_redis_url
+        if self.redis is None or self._redis_url != url:
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                raise exceptions.OptionsError(
+                    f"masker_redis_url: {_redact_url(url)!r} is not a redis://, rediss:// or unix:// URL")
+            self._close_later(self.redis)
+            try:
+                self.redis = make_redis_client(url)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"masker_redis_url: {_redact_url(url)!r}: {e}") from None
+            self._redis_url = url
+        return self.redis
 
+    def _make_redis_store(self) -> Store:
         opts = ctx.options
         if not opts.masker_redis_url:
             raise exceptions.OptionsError("masker_store: 'redis' needs masker_redis_url")
-        if not opts.masker_redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise exceptions.OptionsError(
-                f"masker_redis_url: {_redact_url(opts.masker_redis_url)!r} is not a redis://, rediss:// or "
-                "unix:// URL")
         hmac_key = enc_key = None
         if opts.masker_store_key:
             try:
                 hmac_key, enc_key = keys_from_secret(load_store_key(opts.masker_store_key))
             except ValueError as e:
                 raise exceptions.OptionsError(f"masker_store_key: {e}") from None
-        if self.redis is None or self._redis_url != opts.masker_redis_url:
-            self._close_later(self.redis)
-            try:
-                self.redis = make_redis_client(opts.masker_redis_url)
-            except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"masker_redis_url: {_redact_url(opts.masker_redis_url)!r}: {e}") from None
-            self._redis_url = opts.masker_redis_url
+        self._redis_client()
         try:
             return RedisStore(self.redis, opts.masker_namespace, opts.masker_ttl, hmac_key=hmac_key,
                               enc_key=enc_key)
         except ValueError as e:
             raise exceptions.OptionsError(f"masker_namespace: {opts.masker_namespace!r}: {e}") from None
+
+    def _configure_events(self, updated: set[str], first: bool) -> None:
+        opts = ctx.options
+        try:
+            ev = parse_event_options(opts.masker_events_channel, opts.masker_events_stream,
+                                     opts.masker_events_stream_maxlen, opts.masker_event_sample_rate,
+                                     opts.masker_event_batch_size, opts.masker_event_flush_ms)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if not first and not updated & (EVENT_OPTIONS | {"masker_redis_url", "masker_namespace"}):
+            return
+        old, self.events = self.events, None
+        if old is not None:
+            old.stop()
+            self._close_later(old)
+        if not opts.masker_redis_url or not (ev.channel or ev.stream):
+            return
+        self._redis_client()
+        self.events = EventPublisher(self.redis, ev.channel, ev.stream, ev.stream_maxlen, ev.sample_rate,
+                                     ev.batch_size, ev.flush_ms, namespace=opts.masker_namespace)
+        try:
+            self.events.start()
+        except RuntimeError:  # no running loop yet: running() starts it
+            pass
+
+    def running(self) -> None:
+        if self.events is not None:
+            self.events.start()
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.events is not None:
+            self.events.emit(event)
 
     def _close_later(self, thing: object) -> None:
         """Close a replaced store or Redis client in the background (configure() is synchronous)."""
@@ -330,11 +399,28 @@ class AwsMasker:
         state.mask_ms = (time.perf_counter() - started) * 1000
         self.flows[flow.id] = state
         flow.request.anticomp()
+        dev = ctx.options.masker_env == "development"
         if state.masked:
             flow.comment = "aws-masker: masked " + _summary(state.rule_counts)
-            if ctx.options.masker_env == "development":
-                log.info("aws-masker: %s %s masked %s -> %s", flow.id[:8], flow.request.path,
+            if dev:
+                log.info("aws-masker: %s %s masked %s -> %s", flow.id[:8], self._safe_path(flow),
                          _summary(state.rule_counts), b", ".join(sorted(state.mapping)).decode())
+        if self.events is not None:
+            self.events.emit(mask_event(
+                flow.id, flow.request.pretty_host, self._safe_path(flow), state.masked, state.rule_counts,
+                state.mask_ms, len(flow.request.raw_content or b""),
+                sorted(p.decode() for p in state.mapping) if dev else None))
+
+    def _safe_path(self, flow: http.HTTPFlow) -> str:
+        """The request path for logs and events: no query string, identifiers in it replaced by ***."""
+        path = flow.request.path.split("?", 1)[0]
+        if self.scanner is None:
+            return path
+        data = path.encode("utf-8", "surrogateescape")
+        hits = self.scanner.scan(data)
+        for h in reversed(hits):
+            data = data[:h.start] + b"***" + data[h.end:]
+        return data.decode("utf-8", "replace")
 
     async def _mask(self, flow: http.HTTPFlow) -> FlowState | None:
         assert self.body_masker is not None
@@ -360,19 +446,24 @@ class AwsMasker:
         placeholders = await self.store.placeholders_for(plan.items)
         new_content, mapping = plan.render(placeholders)
         req.content = new_content
-        return FlowState(mapping, plan.rule_counts, plan.count, 0.0)
+        return FlowState(mapping, plan.rule_counts, plan.count, 0.0, plan.placeholder_rules(placeholders))
 
     def _block(self, flow: http.HTTPFlow, blocked: Blocked) -> None:
         if ctx.options.masker_fail_open:
             self.fail_open_count += 1
-            log.warning("aws-masker: FAIL-OPEN: forwarding %s %s UNMASKED (%d so far): %s",
-                        flow.request.method, flow.request.pretty_url, self.fail_open_count, blocked.reason)
+            log.warning("aws-masker: FAIL-OPEN: forwarding %s %s%s UNMASKED (%d so far): %s",
+                        flow.request.method, flow.request.pretty_host, self._safe_path(flow),
+                        self.fail_open_count, blocked.reason)
             return
-        log.warning("aws-masker: blocked %s %s with %d: %s", flow.request.method, flow.request.pretty_url,
-                    blocked.status, blocked.reason)
+        log.warning("aws-masker: blocked %s %s%s with %d: %s", flow.request.method, flow.request.pretty_host,
+                    self._safe_path(flow), blocked.status, blocked.reason)
         flow.response = error_response(blocked.status, blocked.reason)
         flow.marked = ":no_entry:"
         flow.comment = f"aws-masker: blocked ({blocked.status}): {blocked.reason}"
+        if self.events is not None:
+            self.events.emit(block_event(flow.id, flow.request.pretty_host, self._safe_path(flow),
+                                         blocked.status, blocked.reason,
+                                         nbytes=len(flow.request.raw_content or b"")))
 
     # -- replies -------------------------------------------------------------------------------------
 
@@ -380,7 +471,16 @@ class AwsMasker:
         state = self.flows.pop(flow.id, None)
         if state is None or flow.response is None:
             return
+        started = time.perf_counter()
+        self._restore_buffered(flow, state, await self._reply_mapping(state, flow))
+        state.restore_ms += (time.perf_counter() - started) * 1000
+        self._finish(flow, state)
+
+    def _restore_buffered(self, flow: http.HTTPFlow, state: FlowState, mapping: dict[bytes, bytes]) -> None:
         resp = flow.response
+        assert resp is not None
+        if not mapping:
+            return
         try:
             content = resp.get_content(strict=True)
         except ValueError:
@@ -389,19 +489,35 @@ class AwsMasker:
             return
         if not content:
             return
-        mapping = await self._reply_mapping(state, content)
-        if not mapping:
-            return
         is_json = "json" in resp.headers.get("content-type", "").lower()
-        restored, n = restore_bytes(content, json_escaped(mapping) if is_json else mapping)
+        seen: Counter[bytes] = Counter()
+        restored, n = restore_bytes(content, json_escaped(mapping) if is_json else mapping, seen)
         if n:
             resp.content = restored
-        state.restored = n
-        flow.comment = (flow.comment + "; " if flow.comment else "aws-masker: ") + f"restored {n}"
+        state.restored += n
+        state.restored_placeholders.update(seen)
 
-    async def _reply_mapping(self, state: FlowState, content: bytes) -> dict[bytes, bytes]:
+    def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """Comment for mitmweb and the unmask event, once the reply is complete."""
+        rules: Counter[str] = Counter()
+        for placeholder, n in state.restored_placeholders.items():
+            rules[state.placeholder_rules.get(placeholder, "namespace")] += n
+        if state.masked or state.restored:
+            flow.comment = (flow.comment + "; " if flow.comment else "aws-masker: ") + \
+                "restored " + _summary(rules)
+        if self.events is not None and flow.response is not None:
+            dev = ctx.options.masker_env == "development"
+            self.events.emit(unmask_event(
+                flow.id, flow.request.pretty_host, self._safe_path(flow), state.restored, rules,
+                state.restore_ms, state.reply_bytes or len(flow.response.raw_content or b""), state.streamed,
+                sorted(p.decode() for p in state.restored_placeholders) if dev else None))
+
+    async def _reply_mapping(self, state: FlowState, flow: http.HTTPFlow) -> dict[bytes, bytes]:
         """This flow's mappings; with namespace scope also any other placeholder of the namespace."""
-        if ctx.options.masker_unmask_scope != "namespace" or PREFIX not in content:
+        if ctx.options.masker_unmask_scope != "namespace" or flow.response is None or state.streamed:
+            return state.mapping
+        content = flow.response.get_content(strict=False) or b""
+        if PREFIX not in content:
             return state.mapping
         unknown = [t for t in dict.fromkeys(TOKEN_RE.findall(content)) if t not in state.mapping]
         if not unknown:

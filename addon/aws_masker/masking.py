@@ -45,6 +45,15 @@ class MaskPlan:
     def count(self) -> int:
         return sum(self.rule_counts.values())
 
+    def placeholder_rules(self, placeholders: Sequence[bytes]) -> dict[bytes, str]:
+        """Placeholder -> id of the rule that found its original (the first, if several did)."""
+        index = dict(zip(self.items, placeholders, strict=True))
+        out: dict[bytes, str] = {}
+        for seg in self.segments:
+            for h in seg.hits:
+                out.setdefault(index[(h.kind, seg.data[h.start:h.end])], h.rule)
+        return out
+
     def render(self, placeholders: Sequence[bytes]) -> tuple[bytes, dict[bytes, bytes]]:
         """Return the masked body and the placeholder -> original mapping of this request."""
         by_key = dict(zip(self.items, placeholders, strict=True))

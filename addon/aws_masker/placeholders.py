@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 PREFIX = b"AWS_"
 KIND_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*$")
@@ -26,11 +27,12 @@ def valid_kind(kind: str) -> bool:
     return bool(KIND_RE.match(kind))
 
 
-def restore_bytes(data: bytes, mapping: dict[bytes, bytes]) -> tuple[bytes, int]:
+def restore_bytes(data: bytes, mapping: dict[bytes, bytes],
+                  seen: Counter[bytes] | None = None) -> tuple[bytes, int]:
     """Replace every placeholder of ``mapping`` in ``data`` by its original.
 
     Tokens that look like placeholders but are not in ``mapping`` stay as they are. Returns the new bytes and
-    the number of replacements.
+    the number of replacements; ``seen``, when given, counts the placeholders restored.
     """
     if not mapping or PREFIX not in data:
         return data, 0
@@ -42,6 +44,8 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes]) -> tuple[bytes, int]
         if orig is None:
             return m.group(0)
         count += 1
+        if seen is not None:
+            seen[m.group(0)] += 1
         return orig
 
     return TOKEN_RE.sub(sub, data), count
