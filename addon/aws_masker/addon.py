@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ from .redis_store import RedisStore, keys_from_secret, load_store_key, make_redi
 from .rules import RuleError, check_examples, load_rules
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
+from .streaming import StreamRestorer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ DEFAULT_HOSTS = (
     "openrouter.ai",
 )
 ENVS = ("production", "development")
+TEXT_LOG_LIMIT = 1 << 20  # development: restored text of a streamed reply kept for mitmweb
+RECENT_LIMIT = 10_000  # namespace scope: placeholders kept for restoring streamed replies
 STORES = ("auto", "memory", "redis")
 SCOPES = ("request", "namespace")
 EVENT_OPTIONS = {"masker_events_channel", "masker_events_stream", "masker_events_stream_maxlen",
@@ -64,6 +67,7 @@ class FlowState:
     restore_ms: float = 0.0
     streamed: bool = False
     reply_bytes: int = 0
+    restorer: StreamRestorer | None = None
 
 
 def json_escaped(mapping: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -113,6 +117,24 @@ def _is_ip(value: str) -> bool:
     return True
 
 
+class _Metered:
+    """The stream callable: the restorer, plus the time it takes and the bytes it sees."""
+
+    __slots__ = ("restorer", "state")
+
+    def __init__(self, restorer: StreamRestorer, state: FlowState) -> None:
+        self.restorer = restorer
+        self.state = state
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        t0 = time.perf_counter()
+        out = self.restorer(chunk)
+        state = self.state
+        state.restore_ms += (time.perf_counter() - t0) * 1000
+        state.reply_bytes += len(chunk)
+        return out
+
+
 class AwsMasker:
     def __init__(self) -> None:
         self.scanner: Scanner | None = None
@@ -125,6 +147,7 @@ class AwsMasker:
         self.redis: Any = None  # the one Redis client (and pool) of this process: store and events
         self._redis_url = ""
         self.events: EventPublisher | None = None
+        self.recent: OrderedDict[bytes, bytes] = OrderedDict()  # placeholder -> original, namespace scope
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- options -------------------------------------------------------------------------------------
@@ -411,6 +434,14 @@ class AwsMasker:
                 state.mask_ms, len(flow.request.raw_content or b""),
                 sorted(p.decode() for p in state.mapping) if dev else None))
 
+    def _remember(self, mapping: dict[bytes, bytes]) -> None:
+        recent = self.recent
+        for p, o in mapping.items():
+            recent[p] = o
+            recent.move_to_end(p)
+        while len(recent) > RECENT_LIMIT:
+            recent.popitem(last=False)
+
     def _safe_path(self, flow: http.HTTPFlow) -> str:
         """The request path for logs and events: no query string, identifiers in it replaced by ***."""
         path = flow.request.path.split("?", 1)[0]
@@ -446,6 +477,8 @@ class AwsMasker:
         placeholders = await self.store.placeholders_for(plan.items)
         new_content, mapping = plan.render(placeholders)
         req.content = new_content
+        if ctx.options.masker_unmask_scope == "namespace":
+            self._remember(mapping)
         return FlowState(mapping, plan.rule_counts, plan.count, 0.0, plan.placeholder_rules(placeholders))
 
     def _block(self, flow: http.HTTPFlow, blocked: Blocked) -> None:
@@ -467,9 +500,49 @@ class AwsMasker:
 
     # -- replies -------------------------------------------------------------------------------------
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream SSE replies and large or unsized ones, restoring as the bytes pass."""
+        state = self.flows.get(flow.id)
+        resp = flow.response
+        if state is None or resp is None or flow.request.method == "HEAD" or resp.status_code in (204, 304):
+            return
+        ctype = resp.headers.get("content-type", "")
+        length = resp.headers.get("content-length", "")
+        sse = "text/event-stream" in ctype.lower()
+        if not sse and length.isdigit() and int(length) <= ctx.options.masker_max_body:
+            return  # buffered; restored in response()
+        mapping = self._stream_mapping(state)
+        state.streamed = True
+        if not mapping:
+            resp.stream = True  # nothing to restore: stream it untouched rather than buffer it
+            return
+        keep = TEXT_LOG_LIMIT if ctx.options.masker_env == "development" else 0
+        encoding = resp.headers.get("content-encoding", "")
+        restorer = StreamRestorer(mapping, ctype, encoding, text_log_limit=keep)
+        state.restorer = restorer
+        resp.stream = _Metered(restorer, state)
+        if restorer.drops_content_encoding:
+            del resp.headers["content-encoding"]
+        if "content-length" in resp.headers:
+            del resp.headers["content-length"]
+        if flow.request.http_version.startswith("HTTP/1") and \
+                "chunked" not in resp.headers.get("transfer-encoding", "").lower():
+            resp.headers["transfer-encoding"] = "chunked"
+
+    def _stream_mapping(self, state: FlowState) -> dict[bytes, bytes]:
+        """Mappings a streamed reply is restored with. A stream cannot wait for the store, so with namespace
+        scope it also gets the placeholders this proxy minted or used recently."""
+        if ctx.options.masker_unmask_scope != "namespace" or not self.recent:
+            return state.mapping
+        return {**self.recent, **state.mapping}
+
     async def response(self, flow: http.HTTPFlow) -> None:
         state = self.flows.pop(flow.id, None)
         if state is None or flow.response is None:
+            return
+        if state.streamed:
+            self._finish_stream(flow, state)
+            self._finish(flow, state)
             return
         started = time.perf_counter()
         self._restore_buffered(flow, state, await self._reply_mapping(state, flow))
@@ -496,6 +569,21 @@ class AwsMasker:
             resp.content = restored
         state.restored += n
         state.restored_placeholders.update(seen)
+
+    def _finish_stream(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        restorer = state.restorer
+        if restorer is None:
+            return
+        state.restored = restorer.restored
+        state.restored_placeholders = restorer.restored_placeholders()
+        if restorer.errors:
+            log.warning("aws-masker: %d internal error(s) while restoring a streamed reply; the rest of it "
+                        "was passed through unrestored", restorer.errors)
+        resp = flow.response
+        if resp is not None and restorer.text_log is not None and not resp.raw_content:
+            # mitmweb shows streamed replies as "content missing": show the restored text instead.
+            resp.headers.pop("content-encoding", None)
+            resp.set_content(bytes(restorer.text_log))
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """Comment for mitmweb and the unmask event, once the reply is complete."""

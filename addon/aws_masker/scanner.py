@@ -54,7 +54,7 @@ class Scanner:
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._db: Any = None
-        self._kind_cache: dict[tuple[bytes, str, re.Pattern[bytes]], str] = {}
+        self._kind_cache: dict[tuple[bytes, str], str] = {}
         self._python_rules: list[int] = list(range(len(self.rules)))
         if engine != "python" and HAVE_HYPERSCAN:
             self._compile_hyperscan()
@@ -162,14 +162,16 @@ class Scanner:
     def _group_kind(self, value: bytes, kind: str, m: re.Match[bytes]) -> str:
         """A group that is on its own an identifier of another rule (the instance ID in an instance ARN)
         takes that rule's kind, so it gets the same placeholder everywhere."""
-        key = (value, kind, m.re)
+        if "{" in kind:
+            kind = _fill_template(kind, m)  # the template depends on other groups of this match
+        key = (value, kind)
         cached = self._kind_cache.get(key)
         if cached is None:
             inner = self.scan(value)
             if len(inner) == 1 and inner[0].start == 0 and inner[0].end == len(value):
                 cached = inner[0].kind
             else:
-                cached = _fill_template(kind, m) if "{" in kind else kind
+                cached = kind
             if len(self._kind_cache) > 10_000:
                 self._kind_cache.clear()
             self._kind_cache[key] = cached

@@ -30,6 +30,7 @@ import logging
 import re
 import zlib
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -274,6 +275,13 @@ class _Chan:
 class StreamRestorer:
     """Restore the placeholders of ``mapping`` in a streamed reply (see the module docstring)."""
 
+    def restored_placeholders(self) -> Counter[bytes]:
+        """How often each placeholder was restored so far."""
+        out = Counter(self._seen_bytes)
+        for tok, n in self._seen_str.items():
+            out[tok.encode("ascii")] += n
+        return out
+
     def __init__(
         self,
         mapping: dict[bytes, bytes],
@@ -284,6 +292,8 @@ class StreamRestorer:
     ) -> None:
         self.restored = 0
         self.errors = 0
+        self._seen_str: Counter[str] = Counter()
+        self._seen_bytes: Counter[bytes] = Counter()
         self.drops_content_encoding = False
         self.text_log: bytearray | None = bytearray() if text_log_limit > 0 else None
         self._log_limit = text_log_limit
@@ -413,7 +423,7 @@ class StreamRestorer:
     def _restore_str(self, s: str, kind: int) -> tuple[str, int]:
         if "AWS_" not in s:
             return s, 0
-        cache, mapping = self._scache, self._map
+        cache, mapping, seen = self._scache, self._map, self._seen_str
         count = 0
 
         def sub(m: re.Match[str]) -> str:
@@ -435,6 +445,7 @@ class StreamRestorer:
             if ent is None:
                 return tok
             count += 1
+            seen[tok] += 1
             return str(ent[kind])
 
         out = _TOKEN_STR_RE.sub(sub, s)
@@ -475,7 +486,8 @@ class StreamRestorer:
             h = tail_to_hold(s, self._get_prefixes(), self._longest)
         head = s[:h]
         if b"AWS_" in head:
-            head, n = restore_bytes(head, self._escaped_map() if self._mode == "json" else self._map)
+            head, n = restore_bytes(head, self._escaped_map() if self._mode == "json" else self._map,
+                                    self._seen_bytes)
             self.restored += n
         self._raw_held = s[h:]
         self._work = b""
@@ -560,7 +572,7 @@ class StreamRestorer:
         """Restore over the raw data of an event of unknown shape (originals JSON-escaped)."""
         data = ev.data
         if data is not None and b"AWS_" in data:
-            new, n = restore_bytes(data, self._escaped_map())
+            new, n = restore_bytes(data, self._escaped_map(), self._seen_bytes)
             if n:
                 self.restored += n
                 self._out.append(ev.build(new))

@@ -1,0 +1,330 @@
+"""The built-in rule catalog (rules/*.yaml): self-checks, engine parity, cross-rule cases, loader errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from aws_masker.rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_file, load_rules
+from aws_masker.scanner import HAVE_HYPERSCAN, Hit, Scanner
+
+ENGINES = [
+    pytest.param("hyperscan", marks=pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")),
+    "python",
+]
+
+
+@cache
+def catalog() -> tuple[Rule, ...]:
+    return tuple(load_rules())
+
+
+@cache
+def full_scanner(engine: str) -> Scanner:
+    return Scanner(catalog(), engine)
+
+
+def scan(text: str, engine: str = "auto") -> list[tuple[str, str]]:
+    """(masked value, kind) pairs for ``text`` with the whole catalog."""
+    data = text.encode("utf-8")
+    scanner = full_scanner("hyperscan" if HAVE_HYPERSCAN and engine == "auto" else
+                           "python" if engine == "auto" else engine)
+    return [(data[h.start:h.end].decode("utf-8"), h.kind) for h in scanner.scan(data)]
+
+
+def kinds_of(text: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for value, kind in scan(text):
+        out.setdefault(value, set()).add(kind)
+    return out
+
+
+# --- the catalog itself ---------------------------------------------------------------------------------
+
+def test_catalog_is_split_over_commented_topic_files() -> None:
+    files = sorted(BUILTIN_RULES_DIR.glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        assert path.read_text(encoding="utf-8").startswith("#"), f"{path} lacks a comment header"
+        assert load_file(path), f"{path} holds no rules"
+
+
+def test_every_rule_is_documented_and_exemplified() -> None:
+    rules = catalog()
+    assert len({r.id for r in rules}) == len(rules)
+    for rule in rules:
+        assert len(rule.description) >= 20, rule.id
+        assert rule.keywords, f"{rule.id} has no keywords"
+        assert sum(1 for ex in rule.examples if ex.masked) >= 2, f"{rule.id} needs several examples"
+        assert len(rule.counterexamples) >= 2, f"{rule.id} needs hard negatives"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_examples_and_counterexamples_hold(engine: str) -> None:
+    scanners: dict[str, Scanner] = {}
+
+    def scan_one(rule: Rule, data: bytes) -> list[bytes]:
+        if rule.id not in scanners:
+            scanners[rule.id] = Scanner([rule], engine)
+        return scanners[rule.id].scan_values(data)
+
+    problems = check_examples(catalog(), scan_one)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+def test_builtin_catalog_compiles_entirely_in_hyperscan() -> None:
+    scanner = full_scanner("hyperscan")
+    assert scanner.engine == "hyperscan"
+    assert scanner._python_rules == [], [catalog()[i].id for i in scanner._python_rules]
+
+
+# --- a generated mixed text: engine parity and what gets masked -----------------------------------------
+
+def _mixed_text(seed: int = 20260101) -> tuple[str, list[str], list[str]]:
+    """Realistic text in many formats; returns (text, values that must be masked, strings that must stay)."""
+    rng = random.Random(seed)
+
+    def hx(n: int) -> str:
+        return "".join(rng.choice("0123456789abcdef") for _ in range(n))
+
+    def b32(n: int) -> str:
+        return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(n))
+
+    def b64(n: int) -> str:
+        return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+                       for _ in range(n))
+
+    def word() -> str:
+        return rng.choice(["orders", "billing", "media", "search", "ledger", "ingest"])
+
+    regions = ["us-east-1", "eu-west-1", "ap-southeast-2", "us-gov-west-1", "sa-east-1"]
+    parts: list[str] = []
+    secret: list[str] = []
+    keep = ["m5.large", "t3.micro", "v1.29.3-eks-ae9a62a", "aws-cli/2.15.30", "127.0.0.1:8080", "0.0.0.0/0",
+            "s3.amazonaws.com", "lambda.amazonaws.com", "arn:aws:iam::aws:policy/ReadOnlyAccess",
+            "the bucket list", "2026-03-01T10:00:00Z", "python3.12"]
+    for n in range(25):
+        region = rng.choice(regions)
+        acct = str(rng.randrange(10**11, 10**12))
+        inst, sg, vpc, eni = f"i-{hx(17)}", f"sg-{hx(rng.choice((8, 17)))}", f"vpc-{hx(17)}", f"eni-{hx(8)}"
+        tail = f"{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        priv, pub = f"10.{tail}", f"{rng.choice((3, 18, 34, 52))}.{tail}"
+        bucket = f"{word()}-{word()}-bucket-{n}"
+        role, fn, queue = f"{word()}-role-{n}", f"{word()}_fn_{n}", f"{word()}-queue-{n}"
+        key_id = f"{hx(8)}-{hx(4)}-4{hx(3)}-a{hx(3)}-{hx(12)}"
+        akid, sak, tok = "AKIA" + b32(16), b64(40), "FwoGZXIvYXdz" + b64(120)
+        ipv6 = f"2600:1f18:{hx(4)}:{hx(4)}::{hx(2)}"
+        rds = f"{word()}-db.{hx(12)}.{region}.rds.amazonaws.com"
+        secret += [acct, inst, sg, vpc, eni, priv, pub, bucket, role, fn, queue, key_id, akid, sak, tok,
+                   ipv6, rds]
+        parts.append(json.dumps({"Reservations": [{"OwnerId": acct, "Instances": [{
+            "InstanceId": inst, "InstanceType": "m5.large", "Placement": {"AvailabilityZone": region + "a"},
+            "PrivateIpAddress": priv, "PublicIpAddress": pub, "VpcId": vpc, "Ipv6Address": ipv6,
+            "SecurityGroups": [{"GroupId": sg, "GroupName": "frontend"}],
+            "NetworkInterfaces": [{"NetworkInterfaceId": eni}]}]}]}, indent=2))
+        parts.append(f"2 {acct} {eni} {priv} {pub} 443 {rng.randrange(1024, 65535)} 6 20 4249 "
+                     f"1700000000 1700000060 ACCEPT OK")
+        parts.append(f'resource "aws_s3_bucket" "b{n}" {{\n  bucket = "{bucket}"\n}}\n'
+                     f'resource "aws_instance" "w{n}" {{\n  instance_type = "t3.micro"\n'
+                     f'  vpc_security_group_ids = ["{sg}"]\n  kms_key_id = '
+                     f'"arn:aws:kms:{region}:{acct}:key/{key_id}"\n}}')
+        parts.append(f"{n}: aws-cli/2.15.30 at 2026-03-01T10:00:00Z: User: arn:aws:sts::{acct}:assumed-role/"
+                     f"{role}/session-{n} is not authorized to perform lambda:InvokeFunction on "
+                     f"arn:aws:lambda:{region}:{acct}:function:{fn}; retry via "
+                     f"https://sqs.{region}.amazonaws.com/{acct}/{queue} (see /aws/lambda/{fn}).")
+        parts.append(f"[profile p{n}]\naws_access_key_id = {akid}\naws_secret_access_key = {sak}\n"
+                     f"aws_session_token = {tok}\nregion = {region}")
+        parts.append(f"Node v1.29.3-eks-ae9a62a on python3.12 reached {rds}:5432 and s3://{bucket}/x.csv; "
+                     f"health 127.0.0.1:8080 ok, egress 0.0.0.0/0, events from s3.amazonaws.com and "
+                     f"lambda.amazonaws.com, policy arn:aws:iam::aws:policy/ReadOnlyAccess, the bucket list.")
+    rng.shuffle(parts)
+    return "\n\n".join(parts), secret, keep
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+def test_both_engines_give_identical_hits_on_mixed_text() -> None:
+    text = _mixed_text()[0].encode("utf-8")
+    hs_hits = full_scanner("hyperscan").scan(text)
+    py_hits = full_scanner("python").scan(text)
+    assert len(hs_hits) > 300
+    assert hs_hits == py_hits
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mixed_text_is_masked_and_keeps_ordinary_values(engine: str) -> None:
+    text, secret, keep = _mixed_text(seed=7)
+    data = text.encode("utf-8")
+    hits = full_scanner(engine).scan(data)
+    assert all(a.end <= b.start for a, b in itertools.pairwise(hits)), "hits overlap or are unsorted"
+    covered = bytearray(len(data))
+    for h in hits:
+        covered[h.start:h.end] = b"\x01" * (h.end - h.start)
+    leaked = [v for v in secret
+              if any(not all(covered[m.start():m.end()]) for m in re.finditer(re.escape(v.encode()), data))]
+    assert not leaked
+    masked = bytearray(data)
+    for h in reversed(hits):
+        masked[h.start:h.end] = b"AWS_%s_0001" % h.kind.encode()
+    assert [k for k in keep if k.encode() not in masked] == []
+
+
+# --- cross-rule behaviour ------------------------------------------------------------------------------
+
+def test_account_inside_an_arn_is_masked_once_with_the_arn_structure_kept() -> None:
+    text = '"Arn": "arn:aws:iam::123456789012:role/service-role/Deployer", "Account": "123456789012"'
+    hits = scan(text)
+    assert hits == [("123456789012", "ACCOUNT"), ("Deployer", "IAM_ROLE"), ("123456789012", "ACCOUNT")]
+
+
+def test_instance_id_in_an_instance_arn_gets_the_instance_kind() -> None:
+    assert scan("arn:aws:ec2:us-east-1:123456789012:instance/i-0123456789abcdef0") == [
+        ("123456789012", "ACCOUNT"), ("i-0123456789abcdef0", "EC2_INSTANCE")]
+    assert scan("image arn:aws:ec2:eu-west-1::image/ami-0123abcd") == [("ami-0123abcd", "AMI")]
+
+
+def test_regions_zones_instance_types_and_service_names_are_untouched() -> None:
+    text = ("Launch m5.large, t3.micro, c6g.xlarge and r6i.2xlarge in us-east-1 (us-east-1a, use1-az4), "
+            "eu-west-2b, ap-northeast-2c and us-gov-west-1 with EC2, S3, RDS, EKS, Lambda, KMS and IAM; "
+            "endpoints ec2.us-east-1.amazonaws.com, s3.amazonaws.com, sts.amazonaws.com, "
+            "monitoring.rds.amazonaws.com; actions s3:GetObject, sts:AssumeRole.")
+    assert scan(text) == []
+
+
+def test_non_aws_identifiers_are_untouched() -> None:
+    text = ("commit 810862b39995505d64512780763397225eb8519c, uid 38210026-3594-10d1-d15f-686845b14832, "
+            "image @sha256:1385934497377809816104f7da734c32987752002263600153630d45295d1456, "
+            "Order #042204844176, boto3 1.35.40, v2.14.0-rc.1, at 03:12 UTC, mac 00:1a:2b:3c:4d:5e, "
+            "std::vector<int>, the i-beam icon, multi-line, api-6u1c4q4i2-y4xdb, #4821")
+    assert scan(text) == []
+
+
+def test_an_identifier_gets_the_same_kind_wherever_it_appears() -> None:
+    text = "\n".join([
+        "aws s3 cp x s3://acme-reports/x", "arn:aws:s3:::acme-reports/*", '"Bucket": "acme-reports"',
+        "https://acme-reports.s3.eu-west-1.amazonaws.com/k", "aws s3api head-bucket --bucket acme-reports",
+        "arn:aws:iam::123456789012:role/app-role", "arn:aws:sts::123456789012:assumed-role/app-role/s1",
+        '"RoleName": "app-role"', "aws iam get-role --role-name app-role",
+        "https://sqs.us-east-1.amazonaws.com/123456789012/jobs", "arn:aws:sqs:us-east-1:123456789012:jobs",
+        "arn:aws:lambda:us-east-1:123456789012:function:resize", "aws logs tail /aws/lambda/resize",
+        '"KeyId": "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"',
+        "arn:aws:kms:us-east-1:123456789012:key/0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b",
+        "2 123456789012 eni-0a1b2c3d4e5f60718 10.0.0.1 10.0.0.2 443 1 6 1 1 1 1 ACCEPT OK",
+        '"NetworkInterfaceId": "eni-0a1b2c3d4e5f60718"', "123456789012.dkr.ecr.us-east-1.amazonaws.com/app",
+    ])
+    kinds = kinds_of(text)
+    assert kinds["acme-reports"] == {"S3_BUCKET"}
+    assert kinds["app-role"] == {"IAM_ROLE"}
+    assert kinds["jobs"] == {"SQS_QUEUE"}
+    assert kinds["resize"] == {"LAMBDA_FUNCTION"}
+    assert kinds["0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"] == {"KMS_KEY"}
+    assert kinds["eni-0a1b2c3d4e5f60718"] == {"ENI"}
+    assert kinds["123456789012"] == {"ACCOUNT"}
+
+
+def test_template_kinds_do_not_leak_between_arns() -> None:
+    scanner = Scanner(catalog(), "python")
+    data = (b"arn:aws:iam::123456789012:role/admin arn:aws:iam::123456789012:user/admin "
+            b"arn:aws:dynamodb:us-east-1:123456789012:table/orders "
+            b"arn:aws:rds:us-east-1:123456789012:db:orders")
+    kinds = [h.kind for h in scanner.scan(data) if h.kind != "ACCOUNT"]
+    assert kinds == ["IAM_ROLE", "IAM_USER", "ARN_DYNAMODB", "ARN_RDS"]
+
+
+def test_kms_uuid_needs_kms_context() -> None:
+    uuid = "38209668-328d-0334-5916-090625408296"
+    assert scan(f"request {uuid} done") == []
+    assert scan(f"kms_key_id = \"{uuid}\"") == [(uuid, "KMS_KEY")]
+
+
+def test_twelve_digits_need_account_context() -> None:
+    assert scan("invoice 123456789012 paid") == []
+    assert scan("account 123456789012 paid") == [("123456789012", "ACCOUNT")]
+
+
+def test_hit_kinds_and_rules_are_well_formed() -> None:
+    rule_ids = {r.id for r in catalog()}
+    hits: list[Hit] = full_scanner("python").scan(_mixed_text(seed=3)[0].encode())
+    assert hits
+    for h in hits:
+        assert h.rule in rule_ids
+        assert re.fullmatch(r"[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*", h.kind), h.kind
+
+
+# --- loader errors --------------------------------------------------------------------------------------
+
+GOOD_RULE = """\
+  - id: {id}
+    description: test rule that finds widgets
+    regex: '{regex}'
+    keywords: ["w-"]
+    placeholder: WIDGET
+    {extra}
+    examples:
+      - "w-1234"
+    counterexamples:
+      - "w-"
+"""
+
+
+def _rule_file(tmp_path: Path, name: str, *rules: dict[str, str]) -> Path:
+    body = "".join(GOOD_RULE.format(**{"id": "widget", "regex": r"\bw-\d{4}\b", "extra": "", **r})
+                   for r in rules)
+    path = tmp_path / name
+    path.write_text("rules:\n" + body, encoding="utf-8")
+    return path
+
+
+def test_a_valid_extra_rule_file_loads(tmp_path: Path) -> None:
+    path = _rule_file(tmp_path, "ok.yaml", {})
+    rules = load_rules([path], builtin=False)
+    assert [r.id for r in rules] == ["widget"]
+    assert check_examples(rules, lambda r, d: Scanner([r], "python").scan_values(d)) == []
+
+
+def test_broken_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("rules:\n  - id: widget\n    regex: '[unclosed\n", encoding="utf-8")
+    with pytest.raises(RuleError, match=re.escape(str(path)) + ".*not valid YAML"):
+        load_rules([path], builtin=False)
+
+
+def test_missing_field_names_file_and_rule(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    path.write_text("rules:\n  - id: widget\n    description: no regex here\n    placeholder: WIDGET\n"
+                    "    examples: ['w-1234']\n", encoding="utf-8")
+    with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'widget'.*regex is missing"):
+        load_rules([path], builtin=False)
+
+
+def test_bad_regex_names_file_and_rule(tmp_path: Path) -> None:
+    path = _rule_file(tmp_path, "badre.yaml", {"regex": r"\bw-(\d{4}"})
+    with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'widget'.*regex does not compile"):
+        load_rules([path], builtin=False)
+
+
+def test_duplicate_id_names_both_files_and_the_rule(tmp_path: Path) -> None:
+    first = _rule_file(tmp_path, "a.yaml", {})
+    second = _rule_file(tmp_path, "b.yaml", {})
+    with pytest.raises(RuleError) as err:
+        load_rules([tmp_path], builtin=False)
+    message = str(err.value)
+    assert str(second) in message and str(first) in message and "'widget'" in message
+
+
+def test_extra_rule_cannot_redefine_a_builtin_id(tmp_path: Path) -> None:
+    path = _rule_file(tmp_path, "clash.yaml", {"id": "aws-arn"})
+    with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'aws-arn'.*already defined"):
+        load_rules([path])
+
+
+def test_unknown_validator_names_file_and_rule(tmp_path: Path) -> None:
+    path = _rule_file(tmp_path, "validator.yaml", {"extra": "validate: luhn"})
+    with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'widget'.*validate 'luhn' is unknown"):
+        load_rules([path], builtin=False)
