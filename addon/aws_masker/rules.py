@@ -7,10 +7,6 @@ A rule file holds ``rules:``, a list of mappings::
         description: EC2 instance ID            # what it finds and why it is identifying
         regex: '\\bi-(?:[0-9a-f]{8}|[0-9a-f]{17})\\b'
         keywords: ["i-"]                        # optional: the rule only runs where one occurs (prefilter)
-        anchor: '\bi-'                          # optional: a short regex that matches at the start of every
-                                                # match; the fast engine locates candidates with it (a
-                                                # regex ending in an open-ended class otherwise reports
-                                                # a candidate at every possible end)
         placeholder: EC2_INSTANCE               # kind of the whole match, or of the group named `mask`
         groups: {account: ACCOUNT}              # optional: mask these named groups (kinds may use {group})
         validate: ipv4                          # optional: a named check on the masked value
@@ -44,7 +40,7 @@ BUILTIN_RULES_DIR = Path(__file__).resolve().parent.parent.parent / "rules"
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 KNOWN_KEYS = {
-    "id", "description", "regex", "anchor", "keywords", "placeholder", "groups", "validate", "allow",
+    "id", "description", "regex", "keywords", "placeholder", "groups", "validate", "allow",
     "examples", "counterexamples",
 }
 
@@ -98,7 +94,6 @@ class Rule:
     placeholder: str
     source: str
     keywords: tuple[bytes, ...] = ()
-    anchor: str | None = None
     groups: dict[str, str] = field(default_factory=dict)
     validate: Callable[[bytes], bool] | None = None
     allow: frozenset[bytes] = frozenset()
@@ -154,15 +149,6 @@ def parse_rule(raw: object, source: str, index: int) -> Rule:
         raise _fail(source, rid, f"regex does not compile: {e}") from None
     if compiled.match(b""):
         raise _fail(source, rid, "regex matches the empty string")
-    anchor = raw.get("anchor")
-    anchor_re = None
-    if anchor is not None:
-        if not isinstance(anchor, str) or not anchor:
-            raise _fail(source, rid, "anchor must be a non-empty regex string")
-        try:
-            anchor_re = re.compile(anchor.encode("utf-8"))
-        except re.error as e:
-            raise _fail(source, rid, f"anchor does not compile: {e}") from None
 
     groups = raw.get("groups") or {}
     if not isinstance(groups, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -198,19 +184,11 @@ def parse_rule(raw: object, source: str, index: int) -> Rule:
             raise _fail(source, rid, "each example is a string or {text: ..., masked: [...]}")
     if not examples:
         raise _fail(source, rid, "has no examples (at least one text it must mask)")
-    if anchor_re is not None:
-        for ex in examples:
-            data = ex.text.encode("utf-8")
-            for m in compiled.finditer(data):
-                if not anchor_re.match(data, m.start()):
-                    raise _fail(source, rid, f"anchor {anchor!r} does not match where the regex does "
-                                             f"in example {ex.text!r}")
 
     return Rule(
         id=rid,
         description=raw["description"].strip(),
         regex=regex,
-        anchor=anchor,
         placeholder=str(placeholder or ""),
         source=source,
         keywords=tuple(k.encode("utf-8") for k in _as_str_list(raw.get("keywords"), "keywords", source, rid)),

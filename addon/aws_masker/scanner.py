@@ -1,7 +1,8 @@
 """Finding identifiers in bytes: one Hyperscan pass over all rules, with a pure-Python fallback.
 
-Hyperscan only *locates* candidates (rule, start offset) in a single pass; each candidate is then confirmed
-with the rule's own Python regex anchored at that offset, which also yields named groups. Overlapping
+Hyperscan only *locates* candidates in a single pass over all rules (the offsets where a rule's match ends);
+each rule's own Python regex then runs over the short windows that end there, which confirms the match,
+finds its start and yields named groups. Overlapping
 candidates resolve leftmost-first, longest at the same start, so an account ID inside an ARN is replaced
 once (by the ARN rule's groups). Rules Hyperscan cannot compile, and every rule when Hyperscan is missing,
 run as Python regexes behind their keyword prefilters; both engines return the same replacements.
@@ -13,8 +14,7 @@ import functools
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .rules import TEMPLATE_RE, Rule
 
@@ -28,11 +28,12 @@ except ImportError:  # pragma: no cover
     hyperscan = None  # type: ignore[assignment]
     HAVE_HYPERSCAN = False
 
+# The shape of EC2-style IDs (i-0123abcd, vpc-..., tgw-attach-...): group values worth a second look.
+_ID_SHAPE = re.compile(rb"[a-z]+(?:-[a-z]+)*-[0-9a-f]{8,17}")
 _NAMED_GROUP = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
 
 
-@dataclass(slots=True, frozen=True)
-class Hit:
+class Hit(NamedTuple):
     """One span of the input to replace, with the placeholder kind and the rule that found it."""
 
     start: int
@@ -53,40 +54,85 @@ class Scanner:
             raise RuntimeError("the hyperscan module is not installed")
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
+        self._widths = [_max_width(r.regex) for r in self.rules]
         self._db: Any = None
-        self._kind_cache: dict[tuple[bytes, str], str] = {}
+        self._db_start: Any = None
+        self._locators: list[list[tuple[int, int]]] = []  # literal id -> [(rule index, literal length)]
         self._python_rules: list[int] = list(range(len(self.rules)))
         if engine != "python" and HAVE_HYPERSCAN:
             self._compile_hyperscan()
-        self.engine = "hyperscan" if self._db is not None else "python"
+        self.engine = "hyperscan" if self._db is not None or self._db_start is not None else "python"
 
     def _compile_hyperscan(self) -> None:
-        patterns = tuple(_to_hyperscan(r.anchor or r.regex) for r in self.rules)
+        patterns = tuple(_to_hyperscan(r.regex) for r in self.rules)
         cached = _HS_CACHE.get(patterns)
         if cached is None:
-            cached = _compile_hyperscan(patterns, [r.id for r in self.rules])
+            cached = _build_databases(self.rules, patterns)
             if len(_HS_CACHE) >= 8:
                 _HS_CACHE.pop(next(iter(_HS_CACHE)))
             _HS_CACHE[patterns] = cached
-        self._db, ok = cached
-        hs = set(ok)
-        self._python_rules = [i for i in range(len(self.rules)) if i not in hs]
+        self._db_start, self._locators, self._db, ok = cached
+        self._python_rules = [i for i in range(len(self.rules)) if i not in ok]
 
     # -- candidates ------------------------------------------------------------------------------------
 
-    def _candidates(self, data: bytes) -> list[tuple[int, int]]:
-        cands: list[tuple[int, int]] = []
+    def _candidates(self, data: bytes) -> list[tuple[int, int, re.Match[bytes]]]:
+        """(start, rule index, match) of every match of every rule (matches of one rule do not overlap)."""
+        cands: list[tuple[int, int, re.Match[bytes]]] = []
+        rules = self.rules
+        if self._db_start is not None:
+            # Rules that start with a literal (arn:, i-, AKIA, account, ...): Hyperscan finds those
+            # literals, and each rule's regex is matched once where its literal starts.
+            found_at: list[tuple[int, int]] = []
+            add = found_at.append
+
+            def on_literal(lid: int, start: int, end: int, flags: int, ctx: object) -> None:
+                add((lid, end))
+
+            self._db_start.scan(data, match_event_handler=on_literal)
+            locators = self._locators
+            for lid, end in found_at:
+                for rid, length in locators[lid]:
+                    m = rules[rid].compiled.match(data, end - length)
+                    if m is not None:
+                        cands.append((end - length, rid, m))
         if self._db is not None:
-            append = cands.append
+            # The other rules (a hostname is told by its suffix): Hyperscan reports where their matches
+            # END; each rule's regex then runs over the windows that end there, reaching back as far as its
+            # longest match; windows of one rule that overlap are merged.
+            ends: list[tuple[int, int]] = []
+            append = ends.append
 
-            def on_match(rid: int, start: int, end: int, flags: int, ctx: object) -> None:
-                append((start, rid))
+            def on_end(rid: int, start: int, end: int, flags: int, ctx: object) -> None:
+                append((rid, end))
 
-            self._db.scan(data, match_event_handler=on_match)
+            self._db.scan(data, match_event_handler=on_end)
+            ends.sort()
+            n = len(ends)
+            i = 0
+            widths = self._widths
+            while i < n:
+                rid, end = ends[i]
+                width = widths[rid]
+                lo = end - width if end > width else 0
+                hi = end
+                i += 1
+                while i < n and ends[i][0] == rid and ends[i][1] - width <= hi:
+                    hi = ends[i][1]
+                    i += 1
+                compiled = rules[rid].compiled
+                found = list(compiled.finditer(data, lo, hi))
+                if lo and width == WINDOW and (not found or found[0].start() < lo + WINDOW // 4):
+                    # An unbounded rule whose match may be longer than the window: the match found may
+                    # be a piece of it (or none was found). Search again from much further back.
+                    lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
+                    found = list(compiled.finditer(data, lo, hi))
+                for m in found:
+                    cands.append((m.start(), rid, m))
         if self._python_rules:
             lowered: bytes | None = None
-            for i in self._python_rules:
-                rule = self.rules[i]
+            for rid in self._python_rules:
+                rule = self.rules[rid]
                 if rule.keywords:
                     hay = data
                     if rule.case_insensitive:
@@ -98,17 +144,19 @@ class Scanner:
                     elif not any(k in hay for k in rule.keywords):
                         continue
                 for m in rule.compiled.finditer(data):
-                    cands.append((m.start(), i))
+                    cands.append((m.start(), rid, m))
         return cands
 
     # -- resolution ------------------------------------------------------------------------------------
 
     def scan(self, data: bytes) -> list[Hit]:
-        """Return the non-overlapping replacements for ``data``, in order."""
+        """Return the non-overlapping replacements for ``data``, in order.
+
+        Leftmost match first; at the same start the longest; on a tie the rule loaded first."""
         cands = self._candidates(data)
         if not cands:
             return []
-        cands = sorted(set(cands))
+        cands.sort(key=_by_start_rule)
         hits: list[Hit] = []
         pos = 0
         n = len(cands)
@@ -118,12 +166,9 @@ class Scanner:
             best: re.Match[bytes] | None = None
             best_rule = -1
             while i < n and cands[i][0] == start:
-                rid = cands[i][1]
+                _, rid, m = cands[i]
                 i += 1
-                if start < pos:
-                    continue
-                m = self.rules[rid].compiled.match(data, start)
-                if m is None or (best is not None and m.end() <= best.end()):
+                if start < pos or (best is not None and m.end() <= best.end()):
                     continue
                 if self._acceptable(rid, m):
                     best, best_rule = m, rid
@@ -133,9 +178,11 @@ class Scanner:
         return hits
 
     def _acceptable(self, rid: int, m: re.Match[bytes]) -> bool:
-        rule = self.rules[rid]
+        rule, targets = self._targets[rid]
+        if not rule.allow and rule.validate is None and targets[0][0] == "":
+            return True  # the common case: the whole match, no checks
         seen = False
-        for group, _kind in self._targets[rid][1]:
+        for group, _kind in targets:
             value = m.group(group) if group else m.group(0)
             if value is None:
                 continue
@@ -146,17 +193,21 @@ class Scanner:
 
     def _expand(self, rid: int, m: re.Match[bytes]) -> list[Hit]:
         rule, targets = self._targets[rid]
-        out = []
-        for group, kind in targets:
+        if len(targets) == 1:
+            group, kind = targets[0]
             s, e = m.span(group) if group else m.span()
             if s < 0 or s == e:
-                continue
-            if len(targets) > 1:
-                kind = self._group_kind(m.string[s:e], kind, m)
-            elif "{" in kind:
+                return []
+            if "{" in kind:
                 kind = _fill_template(kind, m)
-            out.append(Hit(s, e, kind, rule.id))
-        out.sort(key=lambda h: h.start)
+            return [Hit(s, e, kind, rule.id)]
+        out = []
+        for group, kind in targets:
+            s, e = m.span(group)
+            if s < 0 or s == e:
+                continue
+            out.append(Hit(s, e, self._group_kind(m.string[s:e], kind, m), rule.id))
+        out.sort()
         return out
 
     def _group_kind(self, value: bytes, kind: str, m: re.Match[bytes]) -> str:
@@ -164,18 +215,12 @@ class Scanner:
         takes that rule's kind, so it gets the same placeholder everywhere."""
         if "{" in kind:
             kind = _fill_template(kind, m)  # the template depends on other groups of this match
-        key = (value, kind)
-        cached = self._kind_cache.get(key)
-        if cached is None:
-            inner = self.scan(value)
-            if len(inner) == 1 and inner[0].start == 0 and inner[0].end == len(value):
-                cached = inner[0].kind
-            else:
-                cached = kind
-            if len(self._kind_cache) > 10_000:
-                self._kind_cache.clear()
-            self._kind_cache[key] = cached
-        return cached
+        if not _ID_SHAPE.fullmatch(value):  # cheap test first: only prefix-hex IDs can be another rule's
+            return kind
+        inner = self.scan(value)
+        if len(inner) == 1 and inner[0].start == 0 and inner[0].end == len(value):
+            return inner[0].kind
+        return kind
 
     def scan_values(self, data: bytes) -> list[bytes]:
         """The masked substrings of ``data`` (for rule examples and tools)."""
@@ -183,13 +228,14 @@ class Scanner:
 
 
 # Compiled databases by pattern tuple: building the same catalog again (reloads, tests) costs nothing.
-_HS_CACHE: dict[tuple[bytes, ...], tuple[Any, list[int]]] = {}
+_HS_CACHE: dict[tuple[bytes, ...], tuple[Any, list[list[tuple[int, int]]], Any, set[int]]] = {}
 
 
-def _compile_hyperscan(patterns: tuple[bytes, ...], rule_ids: list[str]) -> tuple[Any, list[int]]:
-    """Compile every pattern Hyperscan accepts into one database; return it and the ids it covers."""
+def _compile_hyperscan(patterns: tuple[bytes, ...], rule_ids: list[str], subset: list[int],
+                       flags: int) -> tuple[Any, list[int]]:
+    """Compile the patterns of ``subset`` that Hyperscan accepts into one database; return it and the
+    indexes it covers."""
     assert hyperscan is not None
-    flags = hyperscan.HS_FLAG_SOM_LEFTMOST
 
     def compile_db(ids: list[int]) -> Any:
         db = hyperscan.Database()
@@ -197,25 +243,150 @@ def _compile_hyperscan(patterns: tuple[bytes, ...], rule_ids: list[str]) -> tupl
                    flags=[flags] * len(ids))
         return db
 
-    ok = list(range(len(patterns)))
+    if not subset:
+        return None, []
+    ok = list(subset)
     try:
         db = compile_db(ok)
     except hyperscan.error:
         # Find the rules Hyperscan cannot take; they run on Python re.
         ok = []
-        for i, rule_id in enumerate(rule_ids):
+        for i in subset:
             try:
                 compile_db([i])
             except hyperscan.error as e:
-                log.info("rule %s runs on Python re (Hyperscan: %s)", rule_id, e)
+                log.info("rule %s runs on Python re (Hyperscan: %s)", rule_ids[i], e)
                 continue
             ok.append(i)
         db = compile_db(ok) if ok else None
     return db, ok
 
 
+def _build_databases(rules: Sequence[Rule], patterns: tuple[bytes, ...]) \
+        -> tuple[Any, list[list[tuple[int, int]]], Any, set[int]]:
+    """Two Hyperscan databases: the literal prefixes of rules that start with one, and the whole regexes
+    of the others (matched without start-of-match tracking, which is several times faster)."""
+    assert hyperscan is not None
+    ids = [r.id for r in rules]
+    literals: dict[tuple[bool, bytes, bool], list[tuple[int, int]]] = {}
+    rest: list[int] = []
+    for i, rule in enumerate(rules):
+        prefixes = _literal_prefixes(rule.regex)
+        if prefixes is None:
+            rest.append(i)
+            continue
+        for boundary, literal, caseless in prefixes:
+            literals.setdefault((boundary, literal, caseless), []).append((i, len(literal)))
+    lit_patterns: list[bytes] = []
+    lit_flags: list[int] = []
+    locators: list[list[tuple[int, int]]] = []  # literal id -> [(rule index, literal length)]
+    for (boundary, literal, caseless), users in literals.items():
+        lit_patterns.append((b"\\b" if boundary else b"") + b"".join(b"\\x%02x" % c for c in literal))
+        lit_flags.append(hyperscan.HS_FLAG_CASELESS if caseless else 0)
+        locators.append(users)
+    db_start = None
+    if lit_patterns:
+        db_start = hyperscan.Database()
+        db_start.compile(expressions=lit_patterns, ids=list(range(len(lit_patterns))),
+                         elements=len(lit_patterns), flags=lit_flags)
+    db_end, ok_end = _compile_hyperscan(patterns, ids, rest, 0)
+    ok = {rid for users in locators for rid, _ in users} | set(ok_end)
+    return db_start, locators, db_end, ok
+
+
+MIN_LITERAL = 2  # a shorter literal prefix would be found everywhere: such rules are matched whole
+
+
+MAX_PREFIXES = 32  # expanding optional parts and alternatives stops before it yields more literals
+
+
+def _literal_prefixes(regex: str) -> list[tuple[bool, bytes, bool]] | None:
+    """The literals every match of ``regex`` starts with: (preceded by \\b, literal, case-insensitive).
+
+    Alternatives, optional parts and small character sets are expanded (``arn:aws(?:-cn)?:iam::`` gives
+    ``arn:aws:iam::`` and ``arn:aws-cn:iam::``) as long as that yields few literals. None when some match may
+    start otherwise (a character class, a repeat) or a literal would be shorter than MIN_LITERAL."""
+    from re import _constants as sre  # type: ignore[attr-defined]
+
+    try:
+        parsed = re._parser.parse(regex.encode("utf-8"))  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - a private API; be safe
+        return None
+    caseless = [bool(parsed.state.flags & re.IGNORECASE)]
+    Prefix = tuple[bool, bytes, bool]  # (\\b before it, literal so far, can still be extended)
+
+    def seq(items: Any, prefixes: list[Prefix]) -> list[Prefix]:
+        """Extend the open ``prefixes`` by the items; a prefix closes where an item is not literal."""
+        for op, av in items:
+            if not any(o for _, _, o in prefixes):
+                break
+            if op is sre.AT:
+                if av is sre.AT_BOUNDARY:
+                    prefixes = [(b or (o and not lit), lit, o) for b, lit, o in prefixes]
+                continue  # other assertions only narrow the matches: the literal still holds
+            if op is sre.LITERAL:
+                prefixes = [(b, lit + bytes((av,)), o) if o else (b, lit, o) for b, lit, o in prefixes]
+                continue
+            alternatives: list[Any] | None = None
+            if op is sre.SUBPATTERN:
+                if av[1] & re.IGNORECASE:
+                    caseless[0] = True
+                alternatives = [av[-1]]
+            elif op is sre.BRANCH:
+                alternatives = list(av[1])
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT) and av[0] == 0 and av[1] == 1:
+                alternatives = [[], av[2]]
+            elif op is sre.IN and len(av) <= 4 and all(o is sre.LITERAL for o, _ in av):
+                alternatives = [[(sre.LITERAL, c)] for _, c in av]
+            if alternatives is None:
+                return [(b, lit, False) for b, lit, _ in prefixes]
+            closed = [p for p in prefixes if not p[2]]
+            opened = [p for p in prefixes if p[2]]
+            extended: list[Prefix] = []
+            for alternative in alternatives:
+                extended.extend(seq(alternative, opened))
+            if len(extended) + len(closed) > MAX_PREFIXES:
+                return [(b, lit, False) for b, lit, _ in prefixes]
+            prefixes = closed + extended
+        return prefixes
+
+    found = seq(parsed, [(False, b"", True)])
+    if not found or any(len(lit) < MIN_LITERAL for _, lit, _ in found):
+        return None
+    return [(b, lit, caseless[0]) for b, lit in dict.fromkeys((b, lit) for b, lit, _ in found)]
+
+
+def _by_start_rule(c: tuple[int, int, re.Match[bytes]]) -> tuple[int, int]:
+    return c[0], c[1]
+
+
+WINDOW = 1024  # how far back from a match end a rule is searched first (its longest match if shorter)
+MAX_WINDOW = 64 * 1024  # ... and at most, when a rule's matches may be longer than WINDOW
+
+
+def _max_width(regex: str) -> int:
+    """The longest match ``regex`` can have in bytes, or WINDOW when that is more (or unbounded)."""
+    try:
+        width = re._parser.parse(regex.encode("utf-8")).getwidth()[1]  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - a private API; be safe
+        return WINDOW
+    return min(int(width), WINDOW)
+
+
 def _fill_template(kind: str, m: re.Match[bytes]) -> str:
-    return TEMPLATE_RE.sub(lambda g: _kind_part(m.group(g.group(1))), kind)
+    names = _template_groups(kind)
+    return _filled(kind, tuple(m.group(n) for n in names))
+
+
+@functools.lru_cache(maxsize=256)
+def _template_groups(kind: str) -> tuple[str, ...]:
+    return tuple(TEMPLATE_RE.findall(kind))
+
+
+@functools.lru_cache(maxsize=4096)
+def _filled(kind: str, values: tuple[bytes | None, ...]) -> str:
+    parts = iter(values)
+    return TEMPLATE_RE.sub(lambda g: _kind_part(next(parts)), kind)
 
 
 @functools.lru_cache(maxsize=1024)
