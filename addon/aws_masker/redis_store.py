@@ -88,7 +88,9 @@ _NONCE_LEN = 12
 
 # KEYS: per item, the forward key under the current HMAC key, then one per previous HMAC key.
 # ARGV: key prefix ("{ns}:"), ttl, number of previous HMAC keys, prefix of a value sealed with the current
-# key (or the plain tag), then per item: kind, sealed original.
+# key (or the plain tag), then per item: kind, sealed original; last, when the HMAC key is the generated
+# shared one, that key: written again (NX), so a proxy started after Redis lost its data adopts the key of
+# the proxies already running.
 # Placeholder format is that of placeholders.format_placeholder: AWS_<KIND>_<number, at least 4 digits>.
 LOOKUP_OR_MINT = """
 local ns = ARGV[1]
@@ -97,6 +99,9 @@ local nprev = tonumber(ARGV[3])
 local vprefix = ARGV[4]
 local plen = string.len(vprefix)
 local stride = 1 + nprev
+if #ARGV > 4 + 2 * (#KEYS / stride) then
+  redis.call('SET', ns .. 'meta:hmac-key', ARGV[#ARGV], 'NX')
+end
 local out = {}
 for i = 0, #KEYS / stride - 1 do
   local fwd = KEYS[i * stride + 1]
@@ -308,6 +313,7 @@ class RedisStore:
             if h not in self._hmac_keys:
                 self._hmac_keys.append(h)
         self._sealer = _Sealer(enc_key, [e for _, e in previous_keys if e is not None])
+        self._shared_key: bytes | None = None  # the generated key read from Redis, re-published by the script
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, ttl: int = DEFAULT_TTL, *,
@@ -346,6 +352,7 @@ class RedisStore:
             raise StoreUnavailable("redis error (bad shared hmac key)")
         if not self._hmac_keys:
             self._hmac_keys.append(value)
+            self._shared_key = value
 
     async def placeholders_for(self, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
         if not items:
@@ -364,6 +371,8 @@ class RedisStore:
                 msg = kind.encode("ascii") + b"\0" + original
                 keys += [f"{self._prefix}fwd:{hmac.digest(k, msg, 'sha256').hex()}" for k in self._hmac_keys]
                 argv += [kind, self._sealer.seal(self._aad(kind.encode("ascii")), original)]
+            if self._shared_key is not None:
+                argv.append(self._shared_key)
             calls.append((len(keys), *keys, *argv))
         results = await self._run_scripts(calls)
         out = [p for chunk_result in results for p in chunk_result.split(b" ")]
