@@ -144,3 +144,17 @@ def test_user_rule_failing_its_examples_is_refused(masker, tmp_path: Path) -> No
     f = make_flow(json.dumps({"messages": [{"role": "user", "content": "ssh db1.corp.example"}]}).encode())
     tctx.master.event_loop.run_until_complete(addon.request(f))
     assert b"db1.corp.example" not in f.request.content and b"AWS_TEAM_HOST_0001" in f.request.content
+
+
+def test_sigv4_signed_body_with_identifiers_is_not_rewritten(masker) -> None:
+    addon, tctx = masker
+    signed = {"authorization": "AWS4-HMAC-SHA256 Credential=x/20261126/us-east-1/bedrock/aws4_request, "
+                               "SignedHeaders=host;x-amz-date, Signature=abc"}
+    f = make_flow(json.dumps(BODY).encode(), headers=signed)
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is not None and f.response.status_code == 400
+    assert "SigV4" in json.loads(f.response.content)["error"]["message"]
+    hello = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+    clean = make_flow(hello, headers=signed)
+    tctx.master.event_loop.run_until_complete(addon.request(clean))
+    assert clean.response is None
