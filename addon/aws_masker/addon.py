@@ -18,6 +18,7 @@ from typing import Any
 
 from mitmproxy import addonmanager, ctx, exceptions, http, tls
 
+from .contentview import FlowMappings, install_view, uninstall_view
 from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .masking import BodyMasker
@@ -50,7 +51,7 @@ SCOPES = ("request", "namespace")
 EVENT_OPTIONS = {"masker_events_channel", "masker_events_stream", "masker_events_stream_maxlen",
                  "masker_event_sample_rate", "masker_event_batch_size", "masker_event_flush_ms"}
 STORE_OPTIONS = {"masker_store", "masker_redis_url", "masker_namespace", "masker_ttl", "masker_max_entries",
-                 "masker_store_key"}
+                 "masker_store_key", "masker_store_old_keys"}
 
 
 @dataclass
@@ -149,10 +150,12 @@ class AwsMasker:
         self.events: EventPublisher | None = None
         self.recent: OrderedDict[bytes, bytes] = OrderedDict()  # placeholder -> original, namespace scope
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.view_flows = FlowMappings()  # development: mappings of recent flows for the content view
 
     # -- options -------------------------------------------------------------------------------------
 
     def load(self, loader: addonmanager.Loader) -> None:
+        install_view(self.view_flows.get)
         loader.add_option(
             "masker_hosts", Sequence[str], list(DEFAULT_HOSTS),
             "Hosts (host or host:port) whose requests are masked and replies restored. Connections to "
@@ -199,6 +202,11 @@ class AwsMasker:
             "Secret (at least 16 characters), or the path of a file holding it, for the Redis store: keys "
             "the HMAC of Redis key names and encrypts stored originals with AES-GCM. Without it originals "
             "are stored as they are and the HMAC key is generated once and kept in Redis.",
+        )
+        loader.add_option(
+            "masker_store_old_keys", Sequence[str], [],
+            "Previous store secrets (or files), while rotating masker_store_key: mappings written under "
+            "them stay readable and are moved to the current key as they are used.",
         )
         loader.add_option(
             "masker_unmask_scope", str, "request",
@@ -302,10 +310,16 @@ class AwsMasker:
                 hmac_key, enc_key = keys_from_secret(load_store_key(opts.masker_store_key))
             except ValueError as e:
                 raise exceptions.OptionsError(f"masker_store_key: {e}") from None
+        previous: list[tuple[bytes, bytes | None]] = []
+        for n, old in enumerate(opts.masker_store_old_keys, 1):
+            try:
+                previous.append(keys_from_secret(load_store_key(old)))
+            except ValueError as e:
+                raise exceptions.OptionsError(f"masker_store_old_keys: key #{n}: {e}") from None
         self._redis_client()
         try:
             return RedisStore(self.redis, opts.masker_namespace, opts.masker_ttl, hmac_key=hmac_key,
-                              enc_key=enc_key)
+                              enc_key=enc_key, previous_keys=previous)
         except ValueError as e:
             raise exceptions.OptionsError(f"masker_namespace: {opts.masker_namespace!r}: {e}") from None
 
@@ -428,6 +442,7 @@ class AwsMasker:
             if dev:
                 log.info("aws-masker: %s %s masked %s -> %s", flow.id[:8], self._safe_path(flow),
                          _summary(state.rule_counts), b", ".join(sorted(state.mapping)).decode())
+                self.view_flows.remember(flow.id, state.mapping)
         if self.events is not None:
             self.events.emit(mask_event(
                 flow.id, flow.request.pretty_host, self._safe_path(flow), state.masked, state.rule_counts,
@@ -474,6 +489,10 @@ class AwsMasker:
         plan = self.body_masker.plan(content, req.headers.get("content-type", ""))
         if not plan.items:
             return FlowState({}, plan.rule_counts, 0, 0.0)
+        if req.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"):
+            # SigV4 signs the body (Bedrock): a rewritten body fails the signature check upstream.
+            raise Blocked(400, f"request is SigV4-signed and holds {plan.count} identifier(s); a signed body "
+                               "cannot be rewritten, so it is not forwarded")
         placeholders = await self.store.placeholders_for(plan.items)
         new_content, mapping = plan.render(placeholders)
         req.content = new_content
@@ -622,6 +641,8 @@ class AwsMasker:
 
     def done(self) -> None:
         self.flows.clear()
+        uninstall_view(self.view_flows.get)
+        self.view_flows.clear()
 
 
 def _redact_url(url: str) -> str:
