@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "addon"))
 sys.path.insert(0, str(REPO / "tests"))
 
-import httpx  # noqa: E402
 import redis  # noqa: E402
 
 from aws_masker.masking import BodyMasker  # noqa: E402
@@ -109,7 +108,8 @@ def bench_restore_step() -> None:
     text = " ".join(text_parts)
     events = []
     for k in range(0, len(text), 12):
-        data = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[k:k + 12]}}
+        delta = {"type": "text_delta", "text": text[k:k + 12]}
+        data = {"type": "content_block_delta", "index": 0, "delta": delta}
         events.append(b"event: content_block_delta\ndata: " + json.dumps(data).encode() + b"\n\n")
     raw = b"".join(events)
     restorer = StreamRestorer(mapping, "text/event-stream")
@@ -221,7 +221,8 @@ def bench_streaming(upstream: FakeUpstream, n: int) -> None:
     results: dict[str, tuple[list[float], list[float], int]] = {"plain mitmdump": ([], [], 0),
                                                                   "addon": ([], [], 0)}
     try:
-        clients = {"plain mitmdump": proxied_client(plain, timeout=60), "addon": proxied_client(addon, timeout=60)}
+        clients = {"plain mitmdump": proxied_client(plain, timeout=60),
+                   "addon": proxied_client(addon, timeout=60)}
         for round_ in range(n + 2):
             for name, c in clients.items():
                 t0 = time.perf_counter()
@@ -262,13 +263,15 @@ def bench_events(upstream: FakeUpstream, redis_srv: RedisServer, n: int) -> None
         "connections.")
     base = {"masker_hosts": upstream.host_port, "masker_store": "memory"}
     url = redis_srv.url
+    on = {**base, "masker_redis_url": url}
+    tenth = {**on, "masker_event_sample_rate": "0.1"}
     configs = {
         "plain mitmdump": (None, {}),
         "addon, events off": (True, base),
-        "addon, events 100 %": (True, {**base, "masker_redis_url": url}),
-        "addon, events 10 %": (True, {**base, "masker_redis_url": url, "masker_event_sample_rate": "0.1"}),
-        "addon, events 10 % + batch 10": (True, {**base, "masker_redis_url": url, "masker_event_sample_rate": "0.1",
-                                                 "masker_event_batch_size": "10", "masker_event_flush_ms": "200"}),
+        "addon, events 100 %": (True, on),
+        "addon, events 10 %": (True, tenth),
+        "addon, events 10 % + batch 10": (True, {**tenth, "masker_event_batch_size": "10",
+                                                 "masker_event_flush_ms": "200"}),
     }
     proxies: dict[str, MitmProxy] = {}
     for name, (script, opts) in configs.items():
@@ -294,19 +297,19 @@ def bench_events(upstream: FakeUpstream, redis_srv: RedisServer, n: int) -> None
                    n, {"content-type": "application/json"})
         cpu = {t.name: cpu_seconds(t.proxy.pid) - cpu0[t.name] for t in targets if t.proxy}
         rss = {t.name: t.proxy.rss_kib() for t in targets if t.proxy}
-        conns = _connections_by_pid(r)
+        conns = sum(1 for c in r.client_list() if c.get("name") == "aws-masker")
         plain = targets[0]
         base_p50 = statistics.median(plain.times)
-        say("| configuration | p50 ms | added p50 | CPU s (whole run) | added CPU | RSS MiB (growth in run) "
-            "| Redis connections |")
-        say("|---|---|---|---|---|---|---|")
+        say("| configuration | p50 ms | added p50 | CPU s (run) | added CPU | RSS MiB (growth in run) |")
+        say("|---|---|---|---|---|---|")
         for t in targets:
             p50 = statistics.median(t.times)
             added = "—" if t is plain else f"{(p50 - base_p50) / base_p50:+.1%}"
             added_cpu = "—" if t is plain else f"{(cpu[t.name] - cpu[plain.name]) / cpu[plain.name]:+.1%}"
-            name_conns = conns.get(t.name, 0) if "events" in t.name and "off" not in t.name else 0
             say(f"| {t.name} | {p50 * 1000:.2f} | {added} | {cpu[t.name]:.2f} | {added_cpu} | "
-                f"{rss[t.name] / 1024:.1f} ({(rss[t.name] - rss0[t.name]) / 1024:+.1f}) | {name_conns} |")
+                f"{rss[t.name] / 1024:.1f} ({(rss[t.name] - rss0[t.name]) / 1024:+.1f}) |")
+        say(f"- Redis connections held by the three events-on proxies together: {conns} "
+            "(one each: the publisher's; the memory store needs none)")
         time.sleep(0.5)
         say(f"- Pub/Sub messages received by a subscriber during the run: {received[0]}")
         say()
@@ -318,14 +321,6 @@ def bench_events(upstream: FakeUpstream, redis_srv: RedisServer, n: int) -> None
             t.close()
         for p in proxies.values():
             p.close()
-
-
-def _connections_by_pid(r: redis.Redis) -> dict[str, int]:
-    """Connections named aws-masker (the proxies'), all proxies together: reported per events config."""
-    clients = r.client_list()
-    n = sum(1 for c in clients if c.get("name") == "aws-masker")
-    # Each events-on proxy holds its own connections; with three such proxies, divide evenly.
-    return {name: n // 3 for name in ("addon, events 100 %", "addon, events 10 %", "addon, events 10 % + batch 10")}
 
 
 def bench_memory(upstream: FakeUpstream, n: int) -> None:

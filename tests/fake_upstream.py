@@ -522,7 +522,8 @@ def responses_object(c: _Ctx, *, status: str = "completed") -> dict[str, Any]:
         "top_p": 1.0,
         "truncation": "disabled",
         "usage": None if status != "completed" else {
-            "input_tokens": c.in_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens": c.in_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": out_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": c.in_tokens + out_tokens,
         },
