@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -69,15 +68,6 @@ class FlowState:
     streamed: bool = False
     reply_bytes: int = 0
     restorer: StreamRestorer | None = None
-
-
-def json_escaped(mapping: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """Originals escaped for use inside JSON strings."""
-    return {
-        p: json.dumps(o.decode("utf-8", "surrogateescape"), ensure_ascii=False)[1:-1].encode(
-            "utf-8", "surrogateescape")
-        for p, o in mapping.items()
-    }
 
 
 _HOSTNAME = re.compile(r"^[a-z0-9_*](?:[a-z0-9_.-]*[a-z0-9_])?$")
@@ -583,7 +573,7 @@ class AwsMasker:
             return
         is_json = "json" in resp.headers.get("content-type", "").lower()
         seen: Counter[bytes] = Counter()
-        restored, n = restore_bytes(content, json_escaped(mapping) if is_json else mapping, seen)
+        restored, n = restore_bytes(content, mapping, seen, in_json=is_json)
         if n:
             resp.content = restored
         state.restored += n

@@ -27,12 +27,27 @@ def valid_kind(kind: str) -> bool:
     return bool(KIND_RE.match(kind))
 
 
-def restore_bytes(data: bytes, mapping: dict[bytes, bytes],
-                  seen: Counter[bytes] | None = None) -> tuple[bytes, int]:
+_JSON_SPECIAL = re.compile(rb'[\x00-\x1f"\\]')
+_JSON_ESCAPES = {c: b"\\u%04x" % c for c in range(0x20)} | {
+    0x22: b'\\"', 0x5C: b"\\\\", 0x08: b"\\b", 0x0C: b"\\f", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t",
+}
+
+
+def json_escape(original: bytes) -> bytes:
+    """``original`` as it must appear inside a JSON string (other bytes, UTF-8 included, are kept; most
+    originals need no escaping at all)."""
+    if not _JSON_SPECIAL.search(original):
+        return original
+    return _JSON_SPECIAL.sub(lambda m: _JSON_ESCAPES[m.group(0)[0]], original)
+
+
+def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes] | None = None,
+                  in_json: bool = False) -> tuple[bytes, int]:
     """Replace every placeholder of ``mapping`` in ``data`` by its original.
 
-    Tokens that look like placeholders but are not in ``mapping`` stay as they are. Returns the new bytes and
-    the number of replacements; ``seen``, when given, counts the placeholders restored.
+    Tokens that look like placeholders but are not in ``mapping`` stay as they are. With ``in_json`` the
+    originals are JSON-escaped (the placeholders sit inside JSON strings). Returns the new bytes and the
+    number of replacements; ``seen``, when given, counts the placeholders restored.
     """
     if not mapping or PREFIX not in data:
         return data, 0
@@ -46,7 +61,7 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes],
         count += 1
         if seen is not None:
             seen[m.group(0)] += 1
-        return orig
+        return json_escape(orig) if in_json else orig
 
     return TOKEN_RE.sub(sub, data), count
 

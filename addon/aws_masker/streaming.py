@@ -45,16 +45,6 @@ _EVENT_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_RE = re.compile(rb"\r\n|\r|\n")
 # An event that matches neither can neither hold a placeholder nor end with the start of one.
 _MAYBE_RE = re.compile(rb'AWS_|A(?:WS?)?["\r\n]')
-_JSON_ESC_RE = re.compile(rb'[\x00-\x1f"\\]')
-_JSON_ESC = {c: b"\\u%04x" % c for c in range(0x20)} | {
-    0x22: b'\\"',
-    0x5C: b"\\\\",
-    0x08: b"\\b",
-    0x0C: b"\\f",
-    0x0A: b"\\n",
-    0x0D: b"\\r",
-    0x09: b"\\t",
-}
 _BOM = b"\xef\xbb\xbf"
 MAX_EVENT = 16 << 20  # an SSE event longer than this is passed through unrestored
 
@@ -86,13 +76,6 @@ _OPAQUE_KEYS = frozenset({"signature", "encrypted_content"})
 _MISS = object()
 
 Key = tuple[Any, ...]
-
-
-def json_escape_bytes(value: bytes) -> bytes:
-    """``value`` escaped for the inside of a JSON string (other bytes, UTF-8 included, are kept)."""
-    if not _JSON_ESC_RE.search(value):
-        return value
-    return _JSON_ESC_RE.sub(lambda m: _JSON_ESC[m.group(0)[0]], value)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -301,7 +284,6 @@ class StreamRestorer:
         self._map = mapping
         self._longest = max(map(len, self._map), default=0)
         self._prefixes: frozenset[bytes] | None = None  # a _Prefixes, built on first use
-        self._esc_map: dict[bytes, bytes] | None = None
         self._scache: dict[str, Any] = {}
 
         ct = content_type.split(";", 1)[0].strip().lower()
@@ -486,19 +468,11 @@ class StreamRestorer:
             h = tail_to_hold(s, self._get_prefixes(), self._longest)
         head = s[:h]
         if b"AWS_" in head:
-            head, n = restore_bytes(head, self._escaped_map() if self._mode == "json" else self._map,
-                                    self._seen_bytes)
+            head, n = restore_bytes(head, self._map, self._seen_bytes, in_json=self._mode == "json")
             self.restored += n
         self._raw_held = s[h:]
         self._work = b""
         self._out.append(head)
-
-    def _escaped_map(self) -> dict[bytes, bytes]:
-        if self._esc_map is None:
-            self._esc_map = {k: json_escape_bytes(v) for k, v in self._map.items()}
-        return self._esc_map
-
-    # ---------------------------------------------------------------------------------------- SSE mode
 
     def _sse(self, data: bytes, final: bool) -> None:
         buf = self._buf + data if self._buf else data
@@ -572,7 +546,7 @@ class StreamRestorer:
         """Restore over the raw data of an event of unknown shape (originals JSON-escaped)."""
         data = ev.data
         if data is not None and b"AWS_" in data:
-            new, n = restore_bytes(data, self._escaped_map(), self._seen_bytes)
+            new, n = restore_bytes(data, self._map, self._seen_bytes, in_json=True)
             if n:
                 self.restored += n
                 self._out.append(ev.build(new))
