@@ -38,6 +38,7 @@ class MaskPlan:
     format: str  # "json", "form", "text" or "empty"
     segments: list[Segment] = field(default_factory=list)
     items: list[Key] = field(default_factory=list)  # unique, in order of first appearance
+    item_rules: list[str] = field(default_factory=list)  # the rule that found each item first
     rule_counts: Counter[str] = field(default_factory=Counter)
     _assemble: Callable[[list[bytes]], bytes] | None = None
 
@@ -47,12 +48,7 @@ class MaskPlan:
 
     def placeholder_rules(self, placeholders: Sequence[bytes]) -> dict[bytes, str]:
         """Placeholder -> id of the rule that found its original (the first, if several did)."""
-        index = dict(zip(self.items, placeholders, strict=True))
-        out: dict[bytes, str] = {}
-        for seg in self.segments:
-            for h in seg.hits:
-                out.setdefault(index[(h.kind, seg.data[h.start:h.end])], h.rule)
-        return out
+        return dict(zip(placeholders, self.item_rules, strict=True))
 
     def render(self, placeholders: Sequence[bytes]) -> tuple[bytes, dict[bytes, bytes]]:
         """Return the masked body and the placeholder -> original mapping of this request."""
@@ -93,14 +89,15 @@ class BodyMasker:
         return self._plan_text(content)
 
     def _finish(self, plan: MaskPlan) -> MaskPlan:
-        seen: dict[Key, None] = {}
+        seen: dict[Key, str] = {}
         counts = plan.rule_counts
         for seg in plan.segments:
             data = seg.data
             for h in seg.hits:
-                seen.setdefault((h.kind, data[h.start:h.end]), None)
+                seen.setdefault((h.kind, data[h.start:h.end]), h.rule)
                 counts[h.rule] += 1
         plan.items = list(seen)
+        plan.item_rules = list(seen.values())
         return plan
 
     def _plan_text(self, content: bytes) -> MaskPlan:
