@@ -158,3 +158,30 @@ def test_sigv4_signed_body_with_identifiers_is_not_rewritten(masker) -> None:
     clean = make_flow(hello, headers=signed)
     tctx.master.event_loop.run_until_complete(addon.request(clean))
     assert clean.response is None
+
+
+@pytest.mark.parametrize("env", ["development", "production"])
+def test_streamed_reply_is_restored_and_inspectable_in_mitmweb(masker, env) -> None:
+    addon, tctx = masker
+    tctx.configure(addon, masker_env=env)
+    f = make_flow(json.dumps(BODY).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    token = json.loads(f.request.content)["messages"][0]["content"].split()[2]
+    f.response = tutils.tresp(content=b"")
+    f.response.headers["content-type"] = "text/event-stream"
+    f.response.headers["content-length"] = "999"
+    addon.responseheaders(f)
+    assert callable(f.response.stream) and "content-length" not in f.response.headers
+    event = json.dumps({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": f"down: {token}."}})
+    raw = f"event: content_block_delta\ndata: {event}\n\n".encode()
+    out = b"".join(b"".join(f.response.stream(raw[k:k + 5])) for k in range(0, len(raw), 5))
+    out += b"".join(f.response.stream(b""))
+    assert b"i-0123456789abcdef0" in out and token.encode() not in out
+    f.response.raw_content = None  # what mitmproxy keeps of a streamed body
+    tctx.master.event_loop.run_until_complete(addon.response(f))
+    assert "restored 1" in f.comment
+    if env == "development":
+        assert f.response.content == out
+    else:
+        assert not f.response.raw_content
