@@ -17,8 +17,9 @@ Helpers (import from ``proxyproc`` / ``fake_upstream``, or from here):
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_upstream import FakeUpstream
 from proxyproc import DEFAULT_SCRIPT, MitmProxy, proxied_async_client, proxied_client
+from redisproc import RedisServer, redis_server_fixture
 
-__all__ = ["masker_options", "proxied_async_client", "proxied_client"]
+__all__ = ["masker_options", "proxied_async_client", "proxied_client", "run"]
 
 DEFAULT_TEST_TIMEOUT = 120  # seconds, applied when pytest-timeout is installed and no mark is given
 
@@ -50,6 +52,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
+
+
+def run[T](coro: Awaitable[T]) -> T:
+    """Run a coroutine to completion from a synchronous test."""
+    async def wrapped() -> T:
+        return await coro
+
+    return asyncio.run(wrapped())
+
+
+# ---- redis-server ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port, shared by the tests of a module."""
+    yield from redis_server_fixture()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop, kill or pause it or count connections."""
+    yield from redis_server_fixture()
 
 
 # ---- fake upstream --------------------------------------------------------------------

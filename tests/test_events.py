@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import pytest
@@ -39,27 +38,10 @@ from aws_masker.events import (
     unmask_event,
 )
 from aws_masker.redis_store import make_redis_client
-from redisproc import RedisServer, redis_server_fixture
+from conftest import run
+from redisproc import RedisServer
 
 RULES = {"aws-arn": 3, "aws-ec2-instance-id": 9}
-
-
-def run[T](coro: Awaitable[T]) -> T:
-    async def wrapped() -> T:
-        return await coro
-
-    return asyncio.run(wrapped())
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    yield from redis_server_fixture()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of its own, for tests that stop, pause or count connections."""
-    yield from redis_server_fixture()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import redis
 from conftest import masker_options, proxied_client
 from fake_upstream import FakeUpstream, parse_sse
 from proxyproc import MitmProxy
-from redisproc import RedisServer, redis_server_fixture
+from redisproc import RedisServer
 
 pytestmark = pytest.mark.mitm
 
@@ -222,17 +222,6 @@ def proxy_connections(observer: Any, baseline: set[int]) -> list[dict[str, Any]]
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    yield from redis_server_fixture()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of its own, for tests that stop, pause or count connections."""
-    yield from redis_server_fixture()
-
 
 @pytest.fixture
 def upstream(fake_upstream_module: FakeUpstream) -> Iterator[FakeUpstream]:

@@ -8,7 +8,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,28 +22,11 @@ from aws_masker.redis_store import (
     make_redis_client,
 )
 from aws_masker.store import MemoryStore, StoreUnavailable
-from redisproc import RedisServer, redis_server_fixture
+from conftest import run
+from redisproc import RedisServer
 
 SECRET = "correct horse battery staple 1"
 KEYS = keys_from_secret(SECRET)
-
-
-def run[T](coro: Awaitable[T]) -> T:
-    async def wrapped() -> T:
-        return await coro
-
-    return asyncio.run(wrapped())
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    yield from redis_server_fixture()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of its own, for tests that kill or pause it."""
-    yield from redis_server_fixture()
 
 
 @pytest.fixture
