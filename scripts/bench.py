@@ -68,11 +68,13 @@ def bench_masking(rounds: int) -> None:
     text = mixed_text(1 << 20).encode()
     engines = ["hyperscan", "python"] if HAVE_HYPERSCAN else ["python"]
     for engine in engines:
-        masker = BodyMasker(Scanner(rules, engine))
+        scanner = Scanner(rules, engine)
+        masker = BodyMasker(scanner)
         store = MemoryStore()
         times = []
         plan = None
         for _ in range(rounds):
+            scanner.clear_cache()  # the same text again: measure a cold scan
             t0 = time.perf_counter()
             plan = masker.plan(text, "text/plain")
             plan.render(store.lookup(plan.items))
@@ -81,11 +83,11 @@ def bench_masking(rounds: int) -> None:
         share = sum(len(k[1]) * 1 for k in plan.items) / len(text)
         say(f"- {engine:9s} engine: {len(text) / statistics.median(times) / 1e6:6.1f} MB/s "
             f"({plan.count} identifiers, {len(plan.items)} distinct, ~{share:.1%} of the text distinct)")
-    body = request_body()
     masker = BodyMasker(Scanner(rules))
     store = MemoryStore()
     times = []
-    for _ in range(rounds * 40):
+    bodies = [request_body(seed=1000 + k) for k in range(rounds * 40)]  # all different: no cache hits
+    for body in bodies:
         t0 = time.perf_counter()
         plan = masker.plan(body, "application/json")
         plan.render(store.lookup(plan.items))
@@ -138,25 +140,47 @@ class Target:
         self.client.close()
 
 
-def interleave(targets: list[Target], url: str, body: bytes, n: int, headers: dict[str, str]) -> None:
-    for t in targets:  # warm-up: connections, caches
-        for _ in range(20):
-            t.client.post(url, content=body, headers=headers)
+def interleave(targets: list[Target], url: str, body: Callable[[int], bytes], n: int,
+               headers: dict[str, str]) -> None:
+    """``n`` rounds; in each, every target gets the same request ``body(round)``."""
+    for t in targets:  # warm-up: connections
+        for k in range(20):
+            t.client.post(url, content=body(-1 - k), headers=headers)
         t.times.clear()
-    for _ in range(n):
+    for k in range(n):
+        data = body(k)
         for t in targets:
             t0 = time.perf_counter()
-            r = t.client.post(url, content=body, headers=headers)
+            r = t.client.post(url, content=data, headers=headers)
             t.times.append(time.perf_counter() - t0)
             if r.status_code != 200:
                 raise SystemExit(f"{t.name}: HTTP {r.status_code}: {r.text[:200]}")
 
 
+def _distinct_body(k: int) -> bytes:
+    return request_body(seed=10_000 + k)
+
+
+def _conversation_turn(k: int) -> bytes:
+    """Turn ``k`` of conversations of 8 turns: the earlier messages again, then a new one."""
+    conv, turn = divmod(k, 8)
+    messages = []
+    for j in range(turn + 1):
+        text = json.loads(request_body(n_identifiers=15, size=2048, seed=50_000 + conv * 8 + j))
+        messages.append({"role": "user", "content": text["messages"][0]["content"]})
+        messages.append({"role": "assistant", "content": "Noted."})
+    return json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": messages[:-1]}).encode()
+
+
 def latency_table(targets: list[Target], plain: Target, direct: Target | None) -> None:
-    base = statistics.median(plain.times)
-    hop = base - statistics.median(direct.times) if direct else None
     say("| configuration | p50 ms | p90 ms | added p50 vs plain mitmdump |")
     say("|---|---|---|---|")
+    latency_rows(targets, plain, direct)
+
+
+def latency_rows(targets: list[Target], plain: Target, direct: Target | None) -> None:
+    base = statistics.median(plain.times)
+    hop = base - statistics.median(direct.times) if direct else None
     for t in targets:
         p50 = statistics.median(t.times)
         if t is plain:
@@ -183,10 +207,24 @@ def bench_latency(upstream: FakeUpstream, redis_url: str, n: int) -> None:
     direct = Target("direct (no proxy)", None)
     targets = [direct] + [Target(name, p) for name, p in proxies.items()]
     try:
-        body = request_body()
-        interleave(targets, upstream.url_for("/v1/messages"), body, n, {"content-type": "application/json"})
+        interleave(targets, upstream.url_for("/v1/messages"), _distinct_body, n,
+                   {"content-type": "application/json"})
         latency_table(targets, targets[1], direct)
         say()
+        say("Every request above is different (new identifiers, nothing remembered). A conversation resends "
+            "its history with every turn; the scanner remembers what it scanned before:")
+        for t in targets:
+            t.times.clear()
+        interleave(targets, upstream.url_for("/v1/messages"), _conversation_turn, n,
+                   {"content-type": "application/json"})
+        say()
+        say("| configuration | p50 ms | p90 ms | added p50 vs plain mitmdump |")
+        say("|---|---|---|---|")
+        latency_rows(targets, targets[1], direct)
+        say("(conversation turns: the history of up to 7 earlier messages, ~16 KB, plus a new ~2 KB message "
+            "with ~15 identifiers)")
+        say()
+        body = request_body()
         # Redis round trips per request.
         r = redis.Redis.from_url(redis_url)
         before = _client_commands(r)
@@ -298,7 +336,7 @@ def bench_events(upstream: FakeUpstream, redis_srv: RedisServer, n: int) -> None
     try:
         rss0 = {t.name: t.proxy.rss_kib() for t in targets if t.proxy}
         cpu0 = {t.name: cpu_seconds(t.proxy.pid) for t in targets if t.proxy}
-        interleave(targets, upstream.url_for("/v1/messages"), request_body(),
+        interleave(targets, upstream.url_for("/v1/messages"), _distinct_body,
                    n, {"content-type": "application/json"})
         cpu = {t.name: cpu_seconds(t.proxy.pid) - cpu0[t.name] for t in targets if t.proxy}
         rss = {t.name: t.proxy.rss_kib() for t in targets if t.proxy}

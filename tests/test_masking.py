@@ -169,3 +169,15 @@ def test_identifiers_at_every_position_never_leak(seed: int) -> None:
     assert restore_bytes(out, mapping)[0] == text
     leaked = [i for i in IDENTIFYING if i.encode() in out]
     assert not leaked, (leaked, text)
+
+
+def test_scan_results_of_long_texts_are_remembered_safely() -> None:
+    scanner = Scanner(RULES)
+    text = ("padding " * 100 + "i-0123abcd and arn:aws:iam::123456789012:role/DeployRole").encode()
+    first = scanner.scan(text)
+    first.append(first[0])  # a caller changing its list must not change what is remembered
+    second = scanner.scan(text)
+    assert second == first[:-1] and len(second) == 3
+    scanner.clear_cache()
+    assert scanner.scan(text) == second
+    assert scanner.scan(text[:-1] + b"X") != second  # a different text is scanned again

@@ -11,6 +11,7 @@ run as Python regexes behind their keyword prefilters; both engines return the s
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ class Scanner:
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._widths = [_max_width(r.regex) for r in self.rules]
         self._db: Any = None
+        self._cache: dict[bytes, list[Hit]] = {}
         self._db_start: Any = None
         self._locators: list[list[tuple[int, int]]] = []  # literal id -> [(rule index, literal length)]
         self._python_rules: list[int] = list(range(len(self.rules)))
@@ -152,7 +154,29 @@ class Scanner:
     def scan(self, data: bytes) -> list[Hit]:
         """Return the non-overlapping replacements for ``data``, in order.
 
-        Leftmost match first; at the same start the longest; on a tie the rule loaded first."""
+        Leftmost match first; at the same start the longest; on a tie the rule loaded first.
+
+        Results for long texts are remembered (by a 128-bit hash of the text): LLM clients send the whole
+        conversation with every turn, so all but the newest message were scanned before."""
+        if len(data) < CACHE_MIN:
+            return self._scan(data)
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        cache = self._cache
+        hits = cache.get(key)
+        if hits is None:
+            hits = self._scan(data)
+            if len(cache) >= CACHE_ENTRIES:
+                del cache[next(iter(cache))]
+        else:
+            del cache[key]  # re-inserted below: most recently used last
+        cache[key] = hits
+        return list(hits)
+
+    def clear_cache(self) -> None:
+        """Forget remembered scan results (benchmarks measure cold scans)."""
+        self._cache.clear()
+
+    def _scan(self, data: bytes) -> list[Hit]:
         cands = self._candidates(data)
         if not cands:
             return []
@@ -360,6 +384,8 @@ def _by_start_rule(c: tuple[int, int, re.Match[bytes]]) -> tuple[int, int]:
     return c[0], c[1]
 
 
+CACHE_MIN = 512  # texts at least this long have their scan results remembered
+CACHE_ENTRIES = 4096  # ... at most this many (least recently used go first)
 WINDOW = 1024  # how far back from a match end a rule is searched first (its longest match if shorter)
 MAX_WINDOW = 64 * 1024  # ... and at most, when a rule's matches may be longer than WINDOW
 
