@@ -58,6 +58,7 @@ class Scanner:
         self._widths = [_max_width(r.regex) for r in self.rules]
         self._db: Any = None
         self._cache: dict[bytes, list[Hit]] = {}
+        self._cached_hits = 0
         self._db_start: Any = None
         self._locators: list[list[tuple[int, int]]] = []  # literal id -> [(rule index, literal length)]
         self._python_rules: list[int] = list(range(len(self.rules)))
@@ -162,19 +163,19 @@ class Scanner:
             return self._scan(data)
         key = hashlib.blake2b(data, digest_size=16).digest()
         cache = self._cache
-        hits = cache.get(key)
+        hits = cache.pop(key, None)  # re-inserted below: most recently used last
         if hits is None:
             hits = self._scan(data)
-            if len(cache) >= CACHE_ENTRIES:
-                del cache[next(iter(cache))]
-        else:
-            del cache[key]  # re-inserted below: most recently used last
+            self._cached_hits += len(hits)
+            while cache and (len(cache) >= CACHE_ENTRIES or self._cached_hits > CACHE_HITS):
+                self._cached_hits -= len(cache.pop(next(iter(cache))))
         cache[key] = hits
         return list(hits)
 
     def clear_cache(self) -> None:
         """Forget remembered scan results (benchmarks measure cold scans)."""
         self._cache.clear()
+        self._cached_hits = 0
 
     def _scan(self, data: bytes) -> list[Hit]:
         cands = self._candidates(data)
@@ -386,6 +387,7 @@ def _by_start_rule(c: tuple[int, int, re.Match[bytes]]) -> tuple[int, int]:
 
 CACHE_MIN = 512  # texts at least this long have their scan results remembered
 CACHE_ENTRIES = 4096  # ... at most this many (least recently used go first)
+CACHE_HITS = 20_000  # ... holding at most this many hits together (~2 MB)
 WINDOW = 1024  # how far back from a match end a rule is searched first (its longest match if shorter)
 MAX_WINDOW = 64 * 1024  # ... and at most, when a rule's matches may be longer than WINDOW
 
