@@ -22,7 +22,6 @@ from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .masking import BodyMasker
 from .placeholders import PREFIX, TOKEN_RE, restore_bytes
-from .redis_store import RedisStore, keys_from_secret, load_store_key, make_redis_client
 from .rules import RuleError, check_examples, load_rules
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
@@ -277,6 +276,8 @@ class AwsMasker:
 
     def _redis_client(self) -> Any:
         """The one Redis client (and connection pool) of this process, shared by the store and events."""
+        from .redis_store import make_redis_client  # only a proxy that uses Redis loads redis-py
+
         url = ctx.options.masker_redis_url
         if self.redis is None or self._redis_url != url:
             if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -291,6 +292,8 @@ class AwsMasker:
         return self.redis
 
     def _make_redis_store(self) -> Store:
+        from .redis_store import RedisStore, keys_from_secret, load_store_key
+
         opts = ctx.options
         if not opts.masker_redis_url:
             raise exceptions.OptionsError("masker_store: 'redis' needs masker_redis_url")

@@ -62,12 +62,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from redis import exceptions as rexc
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any
 
 from .placeholders import TOKEN_RE
+
+if TYPE_CHECKING:  # redis is imported when a publisher is made: a proxy without Redis does not load it
+    from redis.asyncio import Redis
 
 COALESCE_S = 0.002  # batch size 1: the events of 2 ms share one pipeline (still one message each)
 COALESCE_MAX = 64
@@ -256,6 +256,8 @@ def stats_key(namespace: str, hour: int) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    from redis import exceptions as rexc
+
     if isinstance(e, rexc.TimeoutError | TimeoutError):
         return "timeout"
     if isinstance(e, rexc.ConnectionError | OSError):
@@ -263,7 +265,7 @@ def _describe(e: BaseException) -> str:
     return type(e).__name__
 
 
-ClientSource = Redis | Callable[[], Redis]
+type ClientSource = Redis | Callable[[], Redis]
 
 
 class EventPublisher:
@@ -275,6 +277,8 @@ class EventPublisher:
                  flush_ms: int = DEFAULT_FLUSH_MS, queue_size: int = 10_000, stats_ttl_days: int = 30,
                  namespace: str = DEFAULT_NAMESPACE, *, backoff_min: float = 0.5, backoff_max: float = 30.0,
                  flush_timeout: float = 5.0) -> None:
+        from redis.asyncio import Redis
+
         if isinstance(client_factory_or_client, Redis):
             self._client: Redis | None = client_factory_or_client
             self._factory: Callable[[], Redis] | None = None
@@ -564,6 +568,8 @@ class EventPublisher:
             raise
         except Exception as e:
             return e
+        from redis import exceptions as rexc
+
         for r in results:
             if isinstance(r, rexc.ResponseError):
                 self.command_errors += 1
