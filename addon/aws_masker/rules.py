@@ -52,12 +52,17 @@ class RuleError(ValueError):
 # --- validators: return False to leave a candidate unmasked --------------------------------------------
 
 def _ipv4(value: bytes) -> bool:
-    try:
-        ip = ipaddress.IPv4Address(value.decode("ascii"))
-    except ValueError:
+    """A dotted IPv4 address that identifies a host: not loopback, 0.0.0.0, multicast, reserved (240/4,
+    broadcast included) or link-local (169.254/16, the instance metadata address among them)."""
+    parts = value.split(b".")
+    if len(parts) != 4:
         return False
-    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved
-                or ip.is_link_local or str(ip) == "255.255.255.255")
+    if not all(p.isdigit() and len(p) <= 3 and (p == b"0" or p[:1] != b"0") for p in parts):
+        return False  # no leading zeros: 010.1.1.1 is not an address
+    a, b, c, d = map(int, parts)
+    if max(a, b, c, d) > 255:
+        return False
+    return not (a == 127 or a >= 224 or (a == 169 and b == 254) or (a == b == c == d == 0))
 
 
 def _ipv6(value: bytes) -> bool:
