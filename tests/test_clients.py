@@ -26,20 +26,12 @@ import pytest
 from conftest import masker_options
 from fake_upstream import RESPONSES, FakeUpstream, build_reply, expected_reply_text, expected_tool_arguments
 from proxyproc import MitmProxy
+from test_proxy import ORIGINALS as PROXY_ORIGINALS
 from tlsutil import make_test_ca
 
 pytestmark = pytest.mark.mitm
 
-ORIGINALS = [
-    "123456789012",
-    "i-0a1b2c3d4e5f60718",
-    "DeployRole",
-    "sg-0123456789abcdef0",
-    "AKIAIOSFODNN7EXAMPLE",
-    "10.20.30.40",
-    "subnet-0f0e0d0c0b0a09080",
-    "vpc-0a1b2c3d4e5f67890",
-]
+ORIGINALS = [*PROXY_ORIGINALS, "vpc-0a1b2c3d4e5f67890"]
 TEXT = ("Why can't arn:aws:iam::123456789012:role/DeployRole reach i-0a1b2c3d4e5f60718?\n"
         "It sits in sg-0123456789abcdef0 / subnet-0f0e0d0c0b0a09080 (vpc-0a1b2c3d4e5f67890) at 10.20.30.40, "
         "key AKIAIOSFODNN7EXAMPLE. Region us-east-1, type m5.large — \"quoted\" \\ ünïcødé ✓")

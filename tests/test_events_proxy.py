@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -224,12 +224,8 @@ def proxy_connections(observer: Any, baseline: set[int]) -> list[dict[str, Any]]
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def upstream(fake_upstream_module: FakeUpstream) -> Iterator[FakeUpstream]:
-    fake_upstream_module.clear()
-    yield fake_upstream_module
-    errors = list(fake_upstream_module.errors)
-    fake_upstream_module.clear()
-    assert not errors, f"fake upstream handler errors: {errors!r}"
+def upstream(fake_upstream: FakeUpstream) -> FakeUpstream:
+    return fake_upstream
 
 
 def event_proxy(start: Callable[..., MitmProxy], srv: RedisServer, up: FakeUpstream, channel: str,
