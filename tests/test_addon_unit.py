@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from aws_masker.addon import AwsMasker
 from aws_masker.store import StoreUnavailable
 
+SECRET_ID = b"i-0123456789abcdef0"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "why is i-0123456789abcdef0 down?"}]}
 
 
@@ -185,3 +186,19 @@ def test_streamed_reply_is_restored_and_inspectable_in_mitmweb(masker, env) -> N
         assert f.response.content == out
     else:
         assert not f.response.raw_content
+
+
+def test_internal_error_is_500_and_the_log_never_quotes_the_error_text(masker, caplog) -> None:
+    addon, tctx = masker
+
+    class Broken:
+        def plan(self, content, ctype):
+            raise KeyError(("EC2_INSTANCE", SECRET_ID))  # what a real bug could raise
+
+    addon.body_masker = Broken()
+    f = make_flow(json.dumps(BODY).encode())
+    with caplog.at_level("DEBUG"):
+        tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is not None and f.response.status_code == 500
+    assert "KeyError" in json.loads(f.response.content)["error"]["message"]
+    assert "internal error" in caplog.text and SECRET_ID.decode() not in caplog.text

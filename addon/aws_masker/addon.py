@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import re
 import time
+import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -421,7 +422,11 @@ class AwsMasker:
             self._block(flow, Blocked(503, f"mapping store unavailable: {e}"))
             return
         except Exception as e:
-            log.exception("aws-masker: internal error while masking %s", flow.request.path)
+            # The exception's message may quote body content (a KeyError of an original, say): log its type
+            # and where it happened, never its text.
+            log.error("aws-masker: internal error while masking %s%s: %s\n%s", flow.request.pretty_host,
+                      flow.request.path.split("?", 1)[0], type(e).__name__,
+                      "".join(traceback.format_tb(e.__traceback__)).rstrip())
             self._block(flow, Blocked(500, f"internal error while masking ({type(e).__name__})"))
             return
         if state is None:
