@@ -28,6 +28,8 @@ import importlib
 import json
 import logging
 import re
+import sys
+import traceback
 import zlib
 from bisect import bisect_left
 from collections import Counter
@@ -366,9 +368,11 @@ class StreamRestorer:
         """Log/count an internal error and return what has to go out instead; pass through from now on."""
         self.errors += 1
         if self.errors == 1:
-            log.exception(
-                "aws-masker: stream restore failed (%s); passing the rest through unrestored", stage
-            )
+            # Type and frames only: the exception's text could quote restored content (originals).
+            exc = sys.exception()
+            log.error("aws-masker: stream restore failed (%s: %s); passing the rest through unrestored\n%s",
+                      stage, type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__ if exc else None)).rstrip())
         out = list(self._out)
         if stage == "decode":
             self._mode = "pass"  # the compressed stream cannot be decoded: raw bytes from now on
