@@ -31,7 +31,7 @@ from fake_upstream import FakeUpstream
 from proxyproc import DEFAULT_SCRIPT, MitmProxy, proxied_async_client, proxied_client
 from redisproc import RedisServer, redis_server_fixture
 
-__all__ = ["masker_options", "proxied_async_client", "proxied_client", "run"]
+__all__ = ["cleared", "masker_options", "proxied_async_client", "proxied_client", "run"]
 
 DEFAULT_TEST_TIMEOUT = 120  # seconds, applied when pytest-timeout is installed and no mark is given
 
@@ -86,13 +86,18 @@ def fake_upstream_module() -> Iterator[FakeUpstream]:
         yield upstream
 
 
+def cleared(upstream: FakeUpstream) -> Iterator[FakeUpstream]:
+    """Fixture body: ``upstream`` cleared for one test, failing it if the upstream's handlers crashed."""
+    upstream.clear()
+    yield upstream
+    errors = list(upstream.errors)
+    upstream.clear()
+    assert not errors, f"fake upstream handler errors: {errors!r}"
+
+
 @pytest.fixture
 def fake_upstream(fake_upstream_module: FakeUpstream) -> Iterator[FakeUpstream]:
-    fake_upstream_module.clear()
-    yield fake_upstream_module
-    errors = list(fake_upstream_module.errors)
-    fake_upstream_module.clear()
-    assert not errors, f"fake upstream handler errors: {errors!r}"
+    yield from cleared(fake_upstream_module)
 
 
 # ---- mitmdump -------------------------------------------------------------------------

@@ -578,6 +578,32 @@ def stream_error_event(api: str, message: str, seq: int) -> SSE:
                       "sequence_number": seq})
 
 
+def request_for(api: str, text: str, *, system: str = "", tools: bool = False,
+                stream: bool = False) -> dict[str, Any]:
+    """A minimal request body of ``api`` whose echo reply is ``system + "\\n" + text``."""
+    req: dict[str, Any]
+    if api == ANTHROPIC:
+        req = {"model": "claude-test", "max_tokens": 500, "system": system,
+               "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+        if tools:
+            req["tools"] = [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}]
+    elif api == OPENAI_CHAT:
+        req = {"model": "gpt-test", "messages": [{"role": "system", "content": system},
+                                                 {"role": "user", "content": text}]}
+        if tools:
+            req["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    elif api == RESPONSES:
+        req = {"model": "gpt-test", "instructions": system,
+               "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
+        if tools:
+            req["tools"] = [{"type": "function", "name": "lookup", "parameters": {}}]
+    else:
+        raise ValueError(f"unknown api {api!r}")
+    if stream:
+        req["stream"] = True
+    return req
+
+
 def build_reply(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16) -> dict[str, Any]:
     """Non-streamed reply object the fake sends for ``req``."""
     c = _Ctx(req, n, delta_chars)

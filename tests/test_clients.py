@@ -23,7 +23,7 @@ import openai
 import pydantic
 import pytest
 
-from conftest import masker_options
+from conftest import cleared, masker_options
 from fake_upstream import RESPONSES, FakeUpstream, build_reply, expected_reply_text, expected_tool_arguments
 from proxyproc import MitmProxy
 from test_proxy import ORIGINALS as PROXY_ORIGINALS
@@ -58,12 +58,7 @@ def tls_upstream_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
 
 @pytest.fixture
 def upstream(tls_upstream_module: tuple[FakeUpstream, Path]) -> Iterator[FakeUpstream]:
-    up = tls_upstream_module[0]
-    up.clear()
-    yield up
-    errors = list(up.errors)
-    up.clear()
-    assert not errors, f"fake upstream handler errors: {errors!r}"
+    yield from cleared(tls_upstream_module[0])
 
 
 @pytest.fixture(scope="module")

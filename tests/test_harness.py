@@ -30,6 +30,7 @@ from fake_upstream import (
     parse_sse,
     reassemble_stream,
     reply_parts,
+    request_for,
 )
 from proxyproc import MitmProxy, MitmProxyError, option_args, proxied_client
 
@@ -40,25 +41,9 @@ SYSTEM_TEXT = "You are a helpful bot for account 123456789012."
 
 
 def make_request(api: str, *, stream: bool = False, tools: bool = False, text: str = USER_TEXT) -> dict:
-    if api == ANTHROPIC:
-        req: dict = {"model": "claude-test", "max_tokens": 100, "system": SYSTEM_TEXT,
-                     "messages": [{"role": "user", "content": "earlier"},
-                                  {"role": "assistant", "content": "ok"},
-                                  {"role": "user", "content": [{"type": "text", "text": text}]}]}
-        if tools:
-            req["tools"] = [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}]
-    elif api == OPENAI_CHAT:
-        req = {"model": "gpt-test", "messages": [{"role": "system", "content": SYSTEM_TEXT},
-                                                 {"role": "user", "content": text}]}
-        if tools:
-            req["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    else:
-        req = {"model": "gpt-test", "instructions": SYSTEM_TEXT,
-               "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
-        if tools:
-            req["tools"] = [{"type": "function", "name": "lookup", "parameters": {}}]
-    if stream:
-        req["stream"] = True
+    req = request_for(api, text, system=SYSTEM_TEXT, tools=tools, stream=stream)
+    if api == ANTHROPIC:  # earlier turns: the echo model answers the LAST user message only
+        req["messages"][:0] = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "ok"}]
     return req
 
 

@@ -16,7 +16,15 @@ import httpx
 import pytest
 
 from conftest import masker_options, proxied_client
-from fake_upstream import ANTHROPIC, OPENAI_CHAT, RESPONSES, FakeUpstream, expected_reply_text, reply_parts
+from fake_upstream import (
+    ANTHROPIC,
+    OPENAI_CHAT,
+    RESPONSES,
+    FakeUpstream,
+    expected_reply_text,
+    reply_parts,
+    request_for,
+)
 from tlsutil import make_test_ca
 
 pytestmark = pytest.mark.mitm
@@ -39,22 +47,7 @@ SYSTEM = "You help with account 123456789012 in us-east-1."
 
 
 def make_request(api: str, text: str = TEXT, *, tools: bool = False) -> dict:
-    if api == ANTHROPIC:
-        req: dict = {"model": "claude-test", "max_tokens": 100, "system": SYSTEM,
-                     "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
-        if tools:
-            req["tools"] = [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}]
-    elif api == OPENAI_CHAT:
-        req = {"model": "gpt-test", "messages": [{"role": "system", "content": SYSTEM},
-                                                 {"role": "user", "content": text}]}
-        if tools:
-            req["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    else:
-        req = {"model": "gpt-test", "instructions": SYSTEM,
-               "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
-        if tools:
-            req["tools"] = [{"type": "function", "name": "lookup", "parameters": {}}]
-    return req
+    return request_for(api, text, system=SYSTEM, tools=tools)
 
 
 def assert_no_original(upstream: FakeUpstream, originals: list[str] = ORIGINALS) -> None:

@@ -92,27 +92,8 @@ def prompt(ids: dict[str, str]) -> str:
 def make_request(api: str, text: str, *, tools: bool = False, stream: bool = False,
                  system: str = SYSTEM) -> dict[str, Any]:
     """A request body of ``api`` whose echo reply is ``system + "\\n" + text``."""
-    req: dict[str, Any]
-    if api == ANTHROPIC:
-        req = {"model": "claude-test", "max_tokens": 500, "system": system,
-               "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
-        if tools:
-            req["tools"] = [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}]
-    elif api == OPENAI_CHAT:
-        req = {"model": "gpt-test", "messages": [{"role": "system", "content": system},
-                                                 {"role": "user", "content": text}]}
-        if tools:
-            req["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    elif api == RESPONSES:
-        req = {"model": "gpt-test", "instructions": system,
-               "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
-        if tools:
-            req["tools"] = [{"type": "function", "name": "lookup", "parameters": {}}]
-    else:
-        raise ValueError(f"unknown api {api!r}")
-    if stream:
-        req["stream"] = True
-    return req
+    builder = _test_module("fake_upstream").request_for
+    return builder(api, text, system=system, tools=tools, stream=stream)
 
 
 def _test_module(name: str) -> Any:
