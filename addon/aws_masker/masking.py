@@ -29,6 +29,7 @@ Key = tuple[str, bytes]  # (placeholder kind, original)
 class Segment:
     data: bytes
     hits: list[Hit]
+    keys: list[Key] = field(default_factory=list)  # (kind, original) of each hit
 
 
 @dataclass
@@ -56,17 +57,16 @@ class MaskPlan:
         mapping = {p: k[1] for k, p in by_key.items()}
         rendered = []
         for seg in self.segments:
-            if not seg.hits:
+            hits = seg.hits
+            if not hits:
                 rendered.append(seg.data)
                 continue
-            parts = []
-            pos = 0
             data = seg.data
-            for h in seg.hits:
-                parts.append(data[pos:h.start])
-                parts.append(by_key[(h.kind, data[h.start:h.end])])
-                pos = h.end
-            parts.append(data[pos:])
+            # The text between hits and the placeholders, interleaved: slicing and lookups run in C.
+            gaps = map(slice, [0, *[h[1] for h in hits]], [*[h[0] for h in hits], len(data)])
+            parts = [b""] * (2 * len(hits) + 1)
+            parts[0::2] = map(data.__getitem__, gaps)
+            parts[1::2] = map(by_key.__getitem__, seg.keys)
             rendered.append(b"".join(parts))
         assert self._assemble is not None
         return self._assemble(rendered), mapping
@@ -89,15 +89,17 @@ class BodyMasker:
         return self._plan_text(content)
 
     def _finish(self, plan: MaskPlan) -> MaskPlan:
-        seen: dict[Key, str] = {}
-        counts = plan.rule_counts
+        keys: list[Key] = []
+        rules: list[str] = []
         for seg in plan.segments:
             data = seg.data
-            for h in seg.hits:
-                seen.setdefault((h.kind, data[h.start:h.end]), h.rule)
-                counts[h.rule] += 1
-        plan.items = list(seen)
-        plan.item_rules = list(seen.values())
+            seg.keys = [(h[2], data[h[0]:h[1]]) for h in seg.hits]
+            keys += seg.keys
+            rules += [h[3] for h in seg.hits]
+        plan.rule_counts.update(rules)
+        first_rule = dict(zip(reversed(keys), reversed(rules)))  # the rule of each key's first hit
+        plan.items = list(dict.fromkeys(keys))
+        plan.item_rules = list(map(first_rule.__getitem__, plan.items))
         return plan
 
     def _plan_text(self, content: bytes) -> MaskPlan:

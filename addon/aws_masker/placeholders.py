@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 
@@ -16,11 +17,17 @@ PREFIX = b"AWS_"
 KIND_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*$")
 # A placeholder token. Kind segments start with a letter; the counter is the final run of >= 4 digits.
 TOKEN_RE = re.compile(rb"AWS_[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*_[0-9]{4,}")
+_TOKEN_SPLIT = re.compile(b"(" + TOKEN_RE.pattern + b")")
 
 
 def format_placeholder(kind: str, number: int) -> bytes:
     """Return the placeholder for the ``number``-th identifier of ``kind`` (numbers start at 1)."""
-    return b"AWS_%s_%04d" % (kind.encode("ascii"), number)
+    return _kind_prefix(kind) + b"%04d" % number
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind_prefix(kind: str) -> bytes:
+    return b"AWS_%s_" % kind.encode("ascii")
 
 
 def valid_kind(kind: str) -> bool:
@@ -51,19 +58,20 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes]
     """
     if not mapping or PREFIX not in data:
         return data, 0
-    count = 0
-
-    def sub(m: re.Match[bytes]) -> bytes:
-        nonlocal count
-        orig = mapping.get(m.group(0))
-        if orig is None:
-            return m.group(0)
-        count += 1
-        if seen is not None:
-            seen[m.group(0)] += 1
-        return json_escape(orig) if in_json else orig
-
-    return TOKEN_RE.sub(sub, data), count
+    # split() and list comprehensions keep the per-placeholder work in C: no Python call per token.
+    parts = _TOKEN_SPLIT.split(data)
+    tokens = parts[1::2]
+    known = [t for t in tokens if t in mapping]
+    if not known:
+        return data, 0
+    if seen is not None:
+        seen.update(known)
+    get = mapping.get
+    values = [get(t, t) for t in tokens]
+    if in_json and _JSON_SPECIAL.search(b"".join(values)):
+        values = [json_escape(v) if t in mapping else v for t, v in zip(tokens, values, strict=True)]
+    parts[1::2] = values
+    return b"".join(parts), len(known)
 
 
 def tail_to_hold(data: bytes, prefixes: frozenset[bytes] | set[bytes], longest: int) -> int:

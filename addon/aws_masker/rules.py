@@ -51,18 +51,19 @@ class RuleError(ValueError):
 
 # --- validators: return False to leave a candidate unmasked --------------------------------------------
 
+_OCTET = rb"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rb"\.".join([_OCTET] * 4))
+
+
 def _ipv4(value: bytes) -> bool:
     """A dotted IPv4 address that identifies a host: not loopback, 0.0.0.0, multicast, reserved (240/4,
-    broadcast included) or link-local (169.254/16, the instance metadata address among them)."""
-    parts = value.split(b".")
-    if len(parts) != 4:
+    broadcast included) or link-local (169.254/16, the instance metadata address among them). Octets have
+    no leading zeros (010.1.1.1 is not an address)."""
+    m = _IPV4.fullmatch(value)
+    if m is None:
         return False
-    if not all(p.isdigit() and len(p) <= 3 and (p == b"0" or p[:1] != b"0") for p in parts):
-        return False  # no leading zeros: 010.1.1.1 is not an address
-    a, b, c, d = map(int, parts)
-    if max(a, b, c, d) > 255:
-        return False
-    return not (a == 127 or a >= 224 or (a == 169 and b == 254) or (a == b == c == d == 0))
+    a = int(m[1])
+    return not (a == 127 or a >= 224 or (a == 169 and m[2] == b"254") or value == b"0.0.0.0")
 
 
 def _ipv6(value: bytes) -> bool:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .rules import TEMPLATE_RE, Rule
@@ -56,11 +57,16 @@ class Scanner:
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._widths = [_max_width(r.regex) for r in self.rules]
+        # (kind, rule id) of rules whose hit is simply their whole match: no groups, checks or templates.
+        self._plain: list[tuple[str, str] | None] = [
+            (t[0][1], r.id) if t[0][0] == "" and not r.allow and r.validate is None and "{" not in t[0][1]
+            else None for r, t in self._targets]
         self._db: Any = None
         self._cache: dict[bytes, list[Hit]] = {}
         self._cached_hits = 0
         self._db_start: Any = None
-        self._locators: list[list[tuple[int, int]]] = []  # literal id -> [(rule index, literal length)]
+        # literal id -> [(rule index, literal length, the rule's regex match method)]
+        self._locators: list[list[tuple[int, int, Callable[[bytes, int], re.Match[bytes] | None]]]] = []
         self._python_rules: list[int] = list(range(len(self.rules)))
         if engine != "python" and HAVE_HYPERSCAN:
             self._compile_hyperscan()
@@ -74,31 +80,35 @@ class Scanner:
             if len(_HS_CACHE) >= 8:
                 _HS_CACHE.pop(next(iter(_HS_CACHE)))
             _HS_CACHE[patterns] = cached
-        self._db_start, self._locators, self._db, ok = cached
+        self._db_start, locators, self._db, ok = cached
+        self._locators = [[(rid, length, self.rules[rid].compiled.match) for rid, length in users]
+                          for users in locators]
         self._python_rules = [i for i in range(len(self.rules)) if i not in ok]
 
     # -- candidates ------------------------------------------------------------------------------------
 
-    def _candidates(self, data: bytes) -> list[tuple[int, int, re.Match[bytes]]]:
-        """(start, rule index, match) of every match of every rule (matches of one rule do not overlap)."""
-        cands: list[tuple[int, int, re.Match[bytes]]] = []
+    def _candidates(self, data: bytes) -> list[tuple[int, int, int, re.Match[bytes]]]:
+        """(start, -end, rule index, match) of every match of every rule (matches of one rule do not
+        overlap)."""
+        cands: list[tuple[int, int, int, re.Match[bytes]]] = []
+        add = cands.append
         rules = self.rules
         if self._db_start is not None:
             # Rules that start with a literal (arn:, i-, AKIA, account, ...): Hyperscan finds those
             # literals, and each rule's regex is matched once where its literal starts.
             found_at: list[tuple[int, int]] = []
-            add = found_at.append
+            found = found_at.append
 
             def on_literal(lid: int, start: int, end: int, flags: int, ctx: object) -> None:
-                add((lid, end))
+                found((lid, end))
 
             self._db_start.scan(data, match_event_handler=on_literal)
             locators = self._locators
             for lid, end in found_at:
-                for rid, length in locators[lid]:
-                    m = rules[rid].compiled.match(data, end - length)
+                for rid, length, match in locators[lid]:
+                    m = match(data, end - length)
                     if m is not None:
-                        cands.append((end - length, rid, m))
+                        add((end - length, -m.end(), rid, m))
         if self._db is not None:
             # The other rules (a hostname is told by its suffix): Hyperscan reports where their matches
             # END; each rule's regex then runs over the windows that end there, reaching back as far as its
@@ -124,14 +134,14 @@ class Scanner:
                     hi = ends[i][1]
                     i += 1
                 compiled = rules[rid].compiled
-                found = list(compiled.finditer(data, lo, hi))
-                if lo and width == WINDOW and (not found or found[0].start() < lo + WINDOW // 4):
+                matches = list(compiled.finditer(data, lo, hi))
+                if lo and width == WINDOW and (not matches or matches[0].start() < lo + WINDOW // 4):
                     # An unbounded rule whose match may be longer than the window: the match found may
                     # be a piece of it (or none was found). Search again from much further back.
                     lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
-                    found = list(compiled.finditer(data, lo, hi))
-                for m in found:
-                    cands.append((m.start(), rid, m))
+                    matches = list(compiled.finditer(data, lo, hi))
+                for m in matches:
+                    add((m.start(), -m.end(), rid, m))
         if self._python_rules:
             lowered: bytes | None = None
             for rid in self._python_rules:
@@ -147,7 +157,7 @@ class Scanner:
                     elif not any(k in hay for k in rule.keywords):
                         continue
                 for m in rule.compiled.finditer(data):
-                    cands.append((m.start(), rid, m))
+                    add((m.start(), -m.end(), rid, m))
         return cands
 
     # -- resolution ------------------------------------------------------------------------------------
@@ -181,25 +191,22 @@ class Scanner:
         cands = self._candidates(data)
         if not cands:
             return []
-        cands.sort(key=_by_start_rule)
+        # Leftmost first; at one start the longest first, then the rule loaded first: the first acceptable
+        # candidate at a start wins, and every candidate that starts inside it is skipped.
+        cands.sort(key=_START_LONGEST_RULE)
         hits: list[Hit] = []
+        plain = self._plain
         pos = 0
-        n = len(cands)
-        i = 0
-        while i < n:
-            start = cands[i][0]
-            best: re.Match[bytes] | None = None
-            best_rule = -1
-            while i < n and cands[i][0] == start:
-                _, rid, m = cands[i]
-                i += 1
-                if start < pos or (best is not None and m.end() <= best.end()):
-                    continue
-                if self._acceptable(rid, m):
-                    best, best_rule = m, rid
-            if best is not None:
-                hits.extend(self._expand(best_rule, best))
-                pos = best.end()
+        for start, neg_end, rid, m in cands:
+            if start < pos or start == -neg_end:
+                continue
+            simple = plain[rid]
+            if simple is not None:
+                hits.append(Hit(start, -neg_end, simple[0], simple[1]))
+                pos = -neg_end
+            elif self._acceptable(rid, m):
+                hits.extend(self._expand(rid, m))
+                pos = -neg_end
         return hits
 
     def _acceptable(self, rid: int, m: re.Match[bytes]) -> bool:
@@ -297,7 +304,7 @@ def _build_databases(rules: Sequence[Rule], patterns: tuple[bytes, ...]) \
     rest: list[int] = []
     for i, rule in enumerate(rules):
         prefixes = _literal_prefixes(rule.regex)
-        if prefixes is None:
+        if prefixes is None or _weak(prefixes):
             rest.append(i)
             continue
         for boundary, literal, caseless in prefixes:
@@ -320,6 +327,15 @@ def _build_databases(rules: Sequence[Rule], patterns: tuple[bytes, ...]) \
 
 
 MIN_LITERAL = 2  # a shorter literal prefix would be found everywhere: such rules are matched whole
+
+
+def _weak(prefixes: list[tuple[bool, bytes, bool]]) -> bool:
+    """Literal prefixes that are poor anchors in AWS text, so the rule is matched whole instead: many short
+    alternatives (region prefixes such as ``us-``, found in every region name) or a short literal that is
+    a common word on its own (``s3``). Short literals ending in ``-`` (``i-``, ``sg-``) stay: they are rare
+    outside identifiers."""
+    short = [lit for _, lit, _ in prefixes if len(lit) <= 3]
+    return len(short) > 4 or any(not lit.endswith(b"-") and len(lit) <= 2 for lit in short)
 
 
 MAX_PREFIXES = 32  # expanding optional parts and alternatives stops before it yields more literals
@@ -381,8 +397,7 @@ def _literal_prefixes(regex: str) -> list[tuple[bool, bytes, bool]] | None:
     return [(b, lit, caseless[0]) for b, lit in dict.fromkeys((b, lit) for b, lit, _ in found)]
 
 
-def _by_start_rule(c: tuple[int, int, re.Match[bytes]]) -> tuple[int, int]:
-    return c[0], c[1]
+_START_LONGEST_RULE = operator.itemgetter(0, 1, 2)  # (start, -end, rule index): never the match itself
 
 
 CACHE_MIN = 512  # texts at least this long have their scan results remembered

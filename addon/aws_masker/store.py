@@ -59,19 +59,22 @@ class MemoryStore:
         expires = now + self.ttl
         out = []
         entries = self._by_original
+        by_placeholder = self._by_placeholder
+        counters = self._counters
+        touch = entries.move_to_end
         for key in items:
             entry = entries.get(key)
-            if entry is not None and entry[1] <= now:
-                self._drop(key)
-                entry = None
-            if entry is None:
-                n = self._counters.get(key[0], 0) + 1
-                self._counters[key[0]] = n
-                placeholder = format_placeholder(key[0], n)
-                self._by_placeholder[placeholder] = key
-            else:
+            if entry is not None and entry[1] > now:
                 placeholder = entry[0]
-                entries.move_to_end(key)
+                touch(key)
+            else:
+                if entry is not None:
+                    self._drop(key)
+                kind = key[0]
+                n = counters.get(kind, 0) + 1
+                counters[kind] = n
+                placeholder = format_placeholder(kind, n)
+                by_placeholder[placeholder] = key
             entries[key] = (placeholder, expires)
             out.append(placeholder)
         while len(entries) > self.max_entries:
