@@ -14,6 +14,7 @@ import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from mitmproxy import addonmanager, ctx, exceptions, http, tls
@@ -604,9 +605,9 @@ class AwsMasker:
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """Comment for mitmweb and the unmask event, once the reply is complete."""
-        rules: Counter[str] = Counter()
-        for placeholder, n in state.restored_placeholders.items():
-            rules[state.placeholder_rules.get(placeholder, "namespace")] += n
+        seen = state.restored_placeholders
+        # rule of each restored placeholder, counted in C (placeholders of other requests: "namespace")
+        rules = Counter(map(state.placeholder_rules.get, seen.elements(), repeat("namespace")))
         if state.masked or state.restored:
             flow.comment = (flow.comment + "; " if flow.comment else "aws-masker: ") + \
                 "restored " + _summary(rules)

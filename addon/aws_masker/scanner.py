@@ -57,6 +57,8 @@ class Scanner:
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._widths = [_max_width(r.regex) for r in self.rules]
+        # per rule: (group, kind, groups its {template} names) of each part it masks
+        self._expansions = [[(g or 0, k, _template_groups(k)) for g, k in t] for _, t in self._targets]
         # (kind, rule id) of rules whose hit is simply their whole match: no groups, checks or templates.
         self._plain: list[tuple[str, str] | None] = [
             (t[0][1], r.id) if t[0][0] == "" and not r.allow and r.validate is None and "{" not in t[0][1]
@@ -224,29 +226,26 @@ class Scanner:
         return seen
 
     def _expand(self, rid: int, m: re.Match[bytes]) -> list[Hit]:
-        rule, targets = self._targets[rid]
-        if len(targets) == 1:
-            group, kind = targets[0]
-            s, e = m.span(group) if group else m.span()
-            if s < 0 or s == e:
-                return []
-            if "{" in kind:
-                kind = _fill_template(kind, m)
-            return [Hit(s, e, kind, rule.id)]
+        rule_id = self.rules[rid].id
+        parts = self._expansions[rid]
+        several = len(parts) > 1
         out = []
-        for group, kind in targets:
+        for group, kind, names in parts:
             s, e = m.span(group)
             if s < 0 or s == e:
                 continue
-            out.append(Hit(s, e, self._group_kind(m.string[s:e], kind, m), rule.id))
-        out.sort()
+            if names:
+                kind = _filled(kind, tuple(map(m.group, names)))
+            if several:
+                # A group that is on its own an identifier of another rule (the instance ID in an instance
+                # ARN) takes that rule's kind, so it gets the same placeholder everywhere.
+                kind = self._inner_kind(m.string[s:e], kind)
+            out.append(Hit(s, e, kind, rule_id))
+        if several:
+            out.sort()
         return out
 
-    def _group_kind(self, value: bytes, kind: str, m: re.Match[bytes]) -> str:
-        """A group that is on its own an identifier of another rule (the instance ID in an instance ARN)
-        takes that rule's kind, so it gets the same placeholder everywhere."""
-        if "{" in kind:
-            kind = _fill_template(kind, m)  # the template depends on other groups of this match
+    def _inner_kind(self, value: bytes, kind: str) -> str:
         if not _ID_SHAPE.fullmatch(value):  # cheap test first: only prefix-hex IDs can be another rule's
             return kind
         inner = self.scan(value)
@@ -414,11 +413,6 @@ def _max_width(regex: str) -> int:
     except Exception:  # pragma: no cover - a private API; be safe
         return WINDOW
     return min(int(width), WINDOW)
-
-
-def _fill_template(kind: str, m: re.Match[bytes]) -> str:
-    names = _template_groups(kind)
-    return _filled(kind, tuple(m.group(n) for n in names))
 
 
 @functools.lru_cache(maxsize=256)
