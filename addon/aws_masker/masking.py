@@ -97,7 +97,8 @@ class BodyMasker:
             keys += seg.keys
             rules += [h[3] for h in seg.hits]
         plan.rule_counts.update(rules)
-        first_rule = dict(zip(reversed(keys), reversed(rules)))  # the rule of each key's first hit
+        # the rule of each key's first hit
+        first_rule = dict(zip(reversed(keys), reversed(rules), strict=True))
         plan.items = list(dict.fromkeys(keys))
         plan.item_rules = list(map(first_rule.__getitem__, plan.items))
         return plan
