@@ -157,6 +157,29 @@ def test_both_engines_give_identical_hits_on_mixed_text() -> None:
     assert hs_hits == py_hits
 
 
+def test_word_boundaries_are_dropped_only_where_they_are_assertions() -> None:
+    from aws_masker.scanner import _without_word_boundaries as relax
+
+    assert relax(rb"(?i)\b(?:[0-9a-f]{1,4}:){3}\B") == rb"(?i)(?:[0-9a-f]{1,4}:){3}"
+    assert relax(rb"[\b]x") == rb"[\b]x"  # backspace in a class
+    assert relax(rb"a\\b") == rb"a\\b"  # an escaped backslash, then the letter b
+    assert relax(rb"[]\b]\bq[^]\b]\b") == rb"[]\b]q[^]\b]"
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+def test_engines_agree_where_dropped_boundaries_report_extra_ends() -> None:
+    # Hyperscan locates rules without a literal prefix by their match ends, with their word boundaries
+    # dropped: such text gives it ends that the rules' own regexes must then reject.
+    text = (b"xab:cd:ef:12 zz2600:1f18:abc:de00::12 2600:1f18:abc:de00::12 _10.1.2.3 a10.1.2.3 10.1.2.3x "
+            b"10.1.2.3 ABCmy-db.abcdefghijkl.eu-west-1.rds.amazonaws.com my-db.abcdefghijkl.eu-west-1.rds."
+            b"amazonaws.com foo_eu-west-1_AbCdEfGhI eu-west-1_AbCdEfGhI 1.2.3.4.5 fd12:3456:789a::/48") * 3
+    hs_hits = full_scanner("hyperscan").scan(text)
+    assert hs_hits == full_scanner("python").scan(text)
+    values = {text[h.start:h.end] for h in hs_hits}
+    assert {b"2600:1f18:abc:de00::12", b"10.1.2.3", b"eu-west-1_AbCdEfGhI", b"fd12:3456:789a::"} <= values
+    assert b"ab:cd:ef:12" not in values
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_mixed_text_is_masked_and_keeps_ordinary_values(engine: str) -> None:
     text, secret, keep = _mixed_text(seed=7)

@@ -79,6 +79,8 @@ def request_body(n_identifiers: int = 100, size: int = 16 * 1024, seed: int = 2)
     filler = PROSE * (size // len(PROSE) + 1)
     per = max(1, (size - sum(len(i) for i in ids)) // (n_identifiers + 1))
     text = "".join(filler[k * per:(k + 1) * per] + " " + ident + " " for k, ident in enumerate(ids))
+    rest = len(ids) * per
+    text += filler[rest:rest + max(0, size - len(text))]  # fill up to size (all of it without identifiers)
     body = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "system": "You are an AWS expert.",
             "messages": [{"role": "user", "content": text}]}
     return json.dumps(body).encode()

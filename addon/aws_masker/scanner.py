@@ -48,6 +48,42 @@ def _to_hyperscan(regex: str) -> bytes:
     return _NAMED_GROUP.sub("(?:", regex).encode("utf-8")
 
 
+def _without_word_boundaries(pattern: bytes) -> bytes:
+    """``pattern`` without its ``\\b`` / ``\\B`` assertions (outside character classes).
+
+    For the database that only reports where matches END: dropping an assertion can only add matches, so
+    every end of the real regex is still reported, and the rule's own regex confirms each candidate. Word
+    boundaries are costly in Hyperscan (the IPv6 rule scans ~10x faster without its leading ``\\b``)."""
+    out = bytearray()
+    i, n, in_class = 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == 0x5C and i + 1 < n:  # backslash: an escape, two bytes
+            if not in_class and pattern[i + 1] in b"bB":
+                i += 2
+                continue
+            out += pattern[i:i + 2]
+            i += 2
+            continue
+        if in_class:
+            if c == 0x5D:  # ]
+                in_class = False
+        elif c == 0x5B:  # [ ; a ] right after [ or [^ is a literal
+            in_class = True
+            out.append(c)
+            i += 1
+            if i < n and pattern[i] == 0x5E:
+                out.append(0x5E)
+                i += 1
+            if i < n and pattern[i] == 0x5D:
+                out.append(0x5D)
+                i += 1
+            continue
+        out.append(c)
+        i += 1
+    return bytes(out)
+
+
 class Scanner:
     def __init__(self, rules: Sequence[Rule], engine: str = "auto") -> None:
         if engine not in ("auto", "hyperscan", "python"):
@@ -320,7 +356,8 @@ def _build_databases(rules: Sequence[Rule], patterns: tuple[bytes, ...]) \
         db_start = hyperscan.Database()
         db_start.compile(expressions=lit_patterns, ids=list(range(len(lit_patterns))),
                          elements=len(lit_patterns), flags=lit_flags)
-    db_end, ok_end = _compile_hyperscan(patterns, ids, rest, 0)
+    relaxed = tuple(_without_word_boundaries(p) for p in patterns)
+    db_end, ok_end = _compile_hyperscan(relaxed, ids, rest, 0)
     ok = {rid for users in locators for rid, _ in users} | set(ok_end)
     return db_start, locators, db_end, ok
 
