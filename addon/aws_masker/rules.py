@@ -19,8 +19,9 @@ A rule file holds ``rules:``, a list of mappings::
           - "multi-line"
 
 Regexes are Python ``re`` syntax applied to UTF-8 bytes. To run on the fast engine they must also be valid
-Hyperscan: no look-arounds, back-references or possessive quantifiers (a rule that is not is scanned with
-Python ``re`` instead and works the same, only slower).
+Hyperscan once their look-arounds and word boundaries are set aside (Hyperscan only locates candidates; the
+Python regex decides): no back-references, possessive quantifiers or conditionals (a rule that is not is
+scanned with Python ``re`` instead and works the same, only slower).
 """
 
 from __future__ import annotations

@@ -48,38 +48,51 @@ def _to_hyperscan(regex: str) -> bytes:
     return _NAMED_GROUP.sub("(?:", regex).encode("utf-8")
 
 
-def _without_word_boundaries(pattern: bytes) -> bytes:
-    """``pattern`` without its ``\\b`` / ``\\B`` assertions (outside character classes).
+def _without_assertions(pattern: bytes) -> bytes:
+    """``pattern`` without its word-boundary assertions (``\\b``, ``\\B``) and look-around groups
+    (``(?=…)``, ``(?!…)``, ``(?<=…)``, ``(?<!…)``), outside character classes.
 
     For the database that only reports where matches END: dropping an assertion can only add matches, so
-    every end of the real regex is still reported, and the rule's own regex confirms each candidate. Word
-    boundaries are costly in Hyperscan (the IPv6 rule scans ~10x faster without its leading ``\\b``)."""
+    every end of the real regex is still reported, and the rule's own regex (with its assertions) confirms
+    each candidate. Hyperscan has no look-arounds, and word boundaries are costly in it (the IPv6 rule scans
+    ~10x faster without its leading ``\\b``)."""
     out = bytearray()
-    i, n, in_class = 0, len(pattern), False
+    i, n = 0, len(pattern)
+    skip_depth = 0  # > 0 while inside a dropped look-around group (counts its open parentheses)
     while i < n:
         c = pattern[i]
         if c == 0x5C and i + 1 < n:  # backslash: an escape, two bytes
-            if not in_class and pattern[i + 1] in b"bB":
-                i += 2
-                continue
-            out += pattern[i:i + 2]
+            if skip_depth == 0 and pattern[i + 1] not in b"bB":
+                out += pattern[i:i + 2]
             i += 2
             continue
-        if in_class:
-            if c == 0x5D:  # ]
-                in_class = False
-        elif c == 0x5B:  # [ ; a ] right after [ or [^ is a literal
-            in_class = True
-            out.append(c)
-            i += 1
-            if i < n and pattern[i] == 0x5E:
-                out.append(0x5E)
-                i += 1
-            if i < n and pattern[i] == 0x5D:
-                out.append(0x5D)
-                i += 1
+        if c == 0x5B:  # [ starts a class; a ] right after [ or [^ is a literal
+            j = i + 1
+            if j < n and pattern[j] == 0x5E:
+                j += 1
+            if j < n and pattern[j] == 0x5D:
+                j += 1
+            while j < n and pattern[j] != 0x5D:
+                j += 2 if pattern[j] == 0x5C else 1
+            if skip_depth == 0:
+                out += pattern[i:j + 1]
+            i = j + 1
             continue
-        out.append(c)
+        if c == 0x28:  # (
+            if skip_depth:
+                skip_depth += 1
+            elif pattern.startswith((b"(?=", b"(?!", b"(?<=", b"(?<!"), i):
+                skip_depth = 1
+            else:
+                out.append(c)
+            i += 1
+            continue
+        if c == 0x29 and skip_depth:  # )
+            skip_depth -= 1
+            i += 1
+            continue
+        if skip_depth == 0:
+            out.append(c)
         i += 1
     return bytes(out)
 
@@ -93,6 +106,7 @@ class Scanner:
         self.rules = list(rules)
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._widths = [_max_width(r.regex) for r in self.rules]
+        self._ahead = [_lookahead_reach(r.regex) for r in self.rules]  # how far past a match it looks
         # per rule: (group, kind, groups its {template} names) of each part it masks
         self._expansions = [[(g or 0, k, _template_groups(k)) for g, k in t] for _, t in self._targets]
         # (kind, rule id) of rules whose hit is simply their whole match: no groups, checks or templates.
@@ -162,6 +176,7 @@ class Scanner:
             n = len(ends)
             i = 0
             widths = self._widths
+            aheads = self._ahead
             while i < n:
                 rid, end = ends[i]
                 width = widths[rid]
@@ -172,14 +187,18 @@ class Scanner:
                     hi = ends[i][1]
                     i += 1
                 compiled = rules[rid].compiled
-                matches = list(compiled.finditer(data, lo, hi))
+                ahead = aheads[rid]
+                # A look-ahead must see past the last end; matches ending after it belong to a later window.
+                stop = hi + ahead
+                matches = list(compiled.finditer(data, lo, stop))
                 if lo and width == WINDOW and (not matches or matches[0].start() < lo + WINDOW // 4):
                     # An unbounded rule whose match may be longer than the window: the match found may
                     # be a piece of it (or none was found). Search again from much further back.
                     lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
-                    matches = list(compiled.finditer(data, lo, hi))
+                    matches = list(compiled.finditer(data, lo, stop))
                 for m in matches:
-                    add((m.start(), -m.end(), rid, m))
+                    if not ahead or m.end() <= hi:
+                        add((m.start(), -m.end(), rid, m))
         if self._python_rules:
             lowered: bytes | None = None
             for rid in self._python_rules:
@@ -356,7 +375,7 @@ def _build_databases(rules: Sequence[Rule], patterns: tuple[bytes, ...]) \
         db_start = hyperscan.Database()
         db_start.compile(expressions=lit_patterns, ids=list(range(len(lit_patterns))),
                          elements=len(lit_patterns), flags=lit_flags)
-    relaxed = tuple(_without_word_boundaries(p) for p in patterns)
+    relaxed = tuple(_without_assertions(p) for p in patterns)
     db_end, ok_end = _compile_hyperscan(relaxed, ids, rest, 0)
     ok = {rid for users in locators for rid, _ in users} | set(ok_end)
     return db_start, locators, db_end, ok
@@ -397,6 +416,8 @@ def _literal_prefixes(regex: str) -> list[tuple[bool, bytes, bool]] | None:
         for op, av in items:
             if not any(o for _, _, o in prefixes):
                 break
+            if op in (sre.ASSERT, sre.ASSERT_NOT):
+                continue  # a look-around consumes nothing: the literal goes on after it
             if op is sre.AT:
                 if av is sre.AT_BOUNDARY:
                     prefixes = [(b or (o and not lit), lit, o) for b, lit, o in prefixes]
@@ -450,6 +471,33 @@ def _max_width(regex: str) -> int:
     except Exception:  # pragma: no cover - a private API; be safe
         return WINDOW
     return min(int(width), WINDOW)
+
+
+def _lookahead_reach(regex: str) -> int:
+    """How far past the end of its match ``regex`` may look (its longest look-ahead), at most WINDOW."""
+    from re import _constants as sre  # type: ignore[attr-defined]
+
+    try:
+        parsed = re._parser.parse(regex.encode("utf-8"))  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - a private API; be safe
+        return WINDOW
+
+    def reach(items: Any) -> int:
+        best = 0
+        for op, av in items:
+            if op in (sre.ASSERT, sre.ASSERT_NOT) and av[0] == 1:
+                best = max(best, int(av[1].getwidth()[1]), reach(av[1]))
+            elif op is sre.SUBPATTERN:
+                best = max(best, reach(av[-1]))
+            elif op is sre.BRANCH:
+                best = max([best, *(reach(alt) for alt in av[1])])
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT):
+                best = max(best, reach(av[2]))
+            elif op is sre.ATOMIC_GROUP:
+                best = max(best, reach(av))
+        return best
+
+    return min(reach(parsed), WINDOW)
 
 
 @functools.lru_cache(maxsize=256)
