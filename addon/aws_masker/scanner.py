@@ -44,6 +44,9 @@ class Hit(NamedTuple):
     rule: str
 
 
+_new_hit = tuple.__new__  # Hit(...) without NamedTuple's Python-level __new__: hits are made per identifier
+
+
 def _to_hyperscan(regex: str) -> bytes:
     return _NAMED_GROUP.sub("(?:", regex).encode("utf-8")
 
@@ -259,7 +262,7 @@ class Scanner:
                 continue
             simple = plain[rid]
             if simple is not None:
-                hits.append(Hit(start, -neg_end, simple[0], simple[1]))
+                hits.append(_new_hit(Hit, (start, -neg_end, *simple)))
                 pos = -neg_end
             elif self._acceptable(rid, m):
                 hits.extend(self._expand(rid, m))
@@ -295,7 +298,7 @@ class Scanner:
                 # A group that is on its own an identifier of another rule (the instance ID in an instance
                 # ARN) takes that rule's kind, so it gets the same placeholder everywhere.
                 kind = self._inner_kind(m.string[s:e], kind)
-            out.append(Hit(s, e, kind, rule_id))
+            out.append(_new_hit(Hit, (s, e, kind, rule_id)))
         if several:
             out.sort()
         return out
