@@ -69,6 +69,7 @@ class FlowState:
     streamed: bool = False
     reply_bytes: int = 0
     restorer: StreamRestorer | None = None
+    safe_path: str = ""  # the request path for logs and events, scrubbed (when they need it)
 
 
 _HOSTNAME = re.compile(r"^[a-z0-9_*](?:[a-z0-9_.-]*[a-z0-9_])?$")
@@ -436,15 +437,17 @@ class AwsMasker:
         self.flows[flow.id] = state
         flow.request.anticomp()
         dev = ctx.options.masker_env == "development"
+        if self.events is not None or (dev and state.masked):
+            state.safe_path = self._safe_path(flow)  # scrubbed once, for the log line and both events
         if state.masked:
             flow.comment = "aws-masker: masked " + _summary(state.rule_counts)
             if dev:
-                log.info("aws-masker: %s %s masked %s -> %s", flow.id[:8], self._safe_path(flow),
+                log.info("aws-masker: %s %s masked %s -> %s", flow.id[:8], state.safe_path,
                          _summary(state.rule_counts), b", ".join(sorted(state.mapping)).decode())
                 self.view_flows.remember(flow.id, state.mapping)
         if self.events is not None:
             self.events.emit(mask_event(
-                flow.id, flow.request.pretty_host, self._safe_path(flow), state.masked, state.rule_counts,
+                flow.id, flow.request.pretty_host, state.safe_path, state.masked, state.rule_counts,
                 state.mask_ms, len(flow.request.raw_content or b""),
                 sorted(p.decode() for p in state.mapping) if dev else None))
 
@@ -563,23 +566,28 @@ class AwsMasker:
             self._finish(flow, state)
             return
         started = time.perf_counter()
-        self._restore_buffered(flow, state, await self._reply_mapping(state, flow))
+        content = self._decoded_reply(flow, state)
+        if content:
+            self._restore_buffered(flow, state, await self._reply_mapping(state, content), content)
         state.restore_ms += (time.perf_counter() - started) * 1000
         self._finish(flow, state)
 
-    def _restore_buffered(self, flow: http.HTTPFlow, state: FlowState, mapping: dict[bytes, bytes]) -> None:
+    def _decoded_reply(self, flow: http.HTTPFlow, state: FlowState) -> bytes | None:
+        """The reply body, decoded once, when placeholders may have to be restored in it; None otherwise."""
         resp = flow.response
-        assert resp is not None
-        if not mapping:
-            return
+        if resp is None or (not state.mapping and ctx.options.masker_unmask_scope != "namespace"):
+            return None
         try:
-            content = resp.get_content(strict=True)
+            return resp.get_content(strict=True)
         except ValueError:
             log.warning("aws-masker: reply with Content-Encoding %r cannot be decoded; placeholders stay",
                         resp.headers.get("content-encoding", ""))
-            return
-        if not content:
-            return
+            return None
+
+    def _restore_buffered(self, flow: http.HTTPFlow, state: FlowState, mapping: dict[bytes, bytes],
+                          content: bytes) -> None:
+        resp = flow.response
+        assert resp is not None
         is_json = "json" in resp.headers.get("content-type", "").lower()
         seen: Counter[bytes] = Counter()
         restored, n = restore_bytes(content, mapping, seen, in_json=is_json)
@@ -614,16 +622,14 @@ class AwsMasker:
         if self.events is not None and flow.response is not None:
             dev = ctx.options.masker_env == "development"
             self.events.emit(unmask_event(
-                flow.id, flow.request.pretty_host, self._safe_path(flow), state.restored, rules,
+                flow.id, flow.request.pretty_host, state.safe_path or self._safe_path(flow), state.restored,
+                rules,
                 state.restore_ms, state.reply_bytes or len(flow.response.raw_content or b""), state.streamed,
                 sorted(p.decode() for p in state.restored_placeholders) if dev else None))
 
-    async def _reply_mapping(self, state: FlowState, flow: http.HTTPFlow) -> dict[bytes, bytes]:
+    async def _reply_mapping(self, state: FlowState, content: bytes) -> dict[bytes, bytes]:
         """This flow's mappings; with namespace scope also any other placeholder of the namespace."""
-        if ctx.options.masker_unmask_scope != "namespace" or flow.response is None or state.streamed:
-            return state.mapping
-        content = flow.response.get_content(strict=False) or b""
-        if PREFIX not in content:
+        if ctx.options.masker_unmask_scope != "namespace" or PREFIX not in content:
             return state.mapping
         unknown = [t for t in dict.fromkeys(TOKEN_RE.findall(content)) if t not in state.mapping]
         if not unknown:
