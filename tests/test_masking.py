@@ -181,3 +181,15 @@ def test_scan_results_of_long_texts_are_remembered_safely() -> None:
     scanner.clear_cache()
     assert scanner.scan(text) == second
     assert len(scanner.scan(text + b" i-89abcdef")) == 4  # a different text is scanned again
+
+
+def test_scan_results_of_short_texts_are_remembered_safely() -> None:
+    scanner = Scanner(RULES)
+    text = b"see i-0123abcd in 10.1.2.3"
+    first = scanner.scan(text)
+    assert [text[h.start:h.end] for h in first] == [b"i-0123abcd", b"10.1.2.3"]
+    first.clear()  # a caller changing its list must not change what is remembered
+    assert len(scanner.scan(text)) == 2
+    for n in range(5000):  # more short texts than are kept: the oldest are forgotten, results stay right
+        assert len(scanner.scan(b"vol-%08x" % n)) == 1
+    assert len(scanner.scan(text)) == 2

@@ -117,7 +117,8 @@ class Scanner:
             (t[0][1], r.id) if t[0][0] == "" and not r.allow and r.validate is None and "{" not in t[0][1]
             else None for r, t in self._targets]
         self._db: Any = None
-        self._cache: dict[bytes, list[Hit]] = {}
+        self._cache: dict[bytes, list[Hit]] = {}  # 128-bit hash of a long text -> its hits
+        self._small: dict[bytes, list[Hit]] = {}  # a short text -> its hits
         self._cached_hits = 0
         self._db_start: Any = None
         # literal id -> [(rule index, literal length, the rule's regex match method)]
@@ -227,10 +228,18 @@ class Scanner:
 
         Leftmost match first; at the same start the longest; on a tie the rule loaded first.
 
-        Results for long texts are remembered (by a 128-bit hash of the text): LLM clients send the whole
-        conversation with every turn, so all but the newest message were scanned before."""
+        Results are remembered: LLM clients send the whole conversation with every turn, so all but the
+        newest message were scanned before; short strings (roles, model names, "Noted.") come again and
+        again. Long texts are remembered by a 128-bit hash, short ones by themselves."""
         if len(data) < CACHE_MIN:
-            return self._scan(data)
+            small = self._small
+            hits = small.get(data)
+            if hits is None:
+                hits = self._scan(data)
+                if len(small) >= SMALL_ENTRIES:
+                    small.clear()  # cheaper than keeping an order; refills with what still comes
+                small[data] = hits
+            return list(hits)
         key = hashlib.blake2b(data, digest_size=16).digest()
         cache = self._cache
         hits = cache.pop(key, None)  # re-inserted below: most recently used last
@@ -245,6 +254,7 @@ class Scanner:
     def clear_cache(self) -> None:
         """Forget remembered scan results (benchmarks measure cold scans)."""
         self._cache.clear()
+        self._small.clear()
         self._cached_hits = 0
 
     def _scan(self, data: bytes) -> list[Hit]:
@@ -460,7 +470,8 @@ def _literal_prefixes(regex: str) -> list[tuple[bool, bytes, bool]] | None:
 _START_LONGEST_RULE = operator.itemgetter(0, 1, 2)  # (start, -end, rule index): never the match itself
 
 
-CACHE_MIN = 512  # texts at least this long have their scan results remembered
+CACHE_MIN = 512  # texts at least this long have their scan results remembered by hash, shorter ones as such
+SMALL_ENTRIES = 4096  # ... at most this many short ones (<= 2 MB)
 CACHE_ENTRIES = 4096  # ... at most this many (least recently used go first)
 CACHE_HITS = 20_000  # ... holding at most this many hits together (~2 MB)
 WINDOW = 1024  # how far back from a match end a rule is searched first (its longest match if shorter)
