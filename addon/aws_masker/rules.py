@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sysconfig
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,18 @@ import yaml
 
 from .placeholders import valid_kind
 
-BUILTIN_RULES_DIR = Path(__file__).resolve().parent.parent.parent / "rules"
+
+
+def _builtin_rules_dir() -> Path:
+    """rules/ of the checkout this package runs from, else the copy a wheel installs under
+    <prefix>/share/aws-masker/rules."""
+    checkout = Path(__file__).resolve().parent.parent.parent / "rules"
+    if checkout.is_dir():
+        return checkout
+    return Path(sysconfig.get_paths()["data"]) / "share" / "aws-masker" / "rules"
+
+
+BUILTIN_RULES_DIR = _builtin_rules_dir()
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
