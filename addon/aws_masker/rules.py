@@ -38,7 +38,6 @@ import yaml
 from .placeholders import valid_kind
 
 
-
 def _builtin_rules_dir() -> Path:
     """rules/ of the checkout this package runs from, else the copy a wheel installs under
     <prefix>/share/aws-masker/rules."""
