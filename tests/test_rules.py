@@ -10,6 +10,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aws_masker.rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_file, load_rules
 from aws_masker.scanner import HAVE_HYPERSCAN, Hit, Scanner
@@ -357,3 +359,25 @@ def test_unknown_validator_names_file_and_rule(tmp_path: Path) -> None:
     path = _rule_file(tmp_path, "validator.yaml", {"extra": "validate: luhn"})
     with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'widget'.*validate 'luhn' is unknown"):
         load_rules([path], builtin=False)
+
+
+# Pieces that put identifiers next to each other and next to characters that matter to word boundaries,
+# look-arounds and windows: the fast engine locates without the assertions, so the two engines must still
+# agree wherever the pieces fall.
+_PIECES = [
+    "i-0123456789abcdef0", "i-0123abcd", "sg-0a1b2c3d", "vpc-0123456789abcdef0", "10.1.2.3", "172.16.0.10",
+    "1.2.3.4.5", "fd00::1", "2600:1f18:abc:de00::12", "ab:cd:ef:12", "123456789012", "1234567890123",
+    "arn:aws:iam::123456789012:role/deploy", "arn:aws:sts::210987654321:assumed-role/r/s",
+    "arn:aws:s3:::my-bucket/key", "AKIAIOSFODNN7EXAMPLE", "s3://my-bucket/logs/", "eu-west-1_AbCdEfGhI",
+    "db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "123456789012.dkr.ecr.us-east-1.amazonaws.com",
+    "Account", "OwnerId", '"Account": "', "arn:aws", "AWSLogs/", "us-east-1", "m5.large", "v1.2.3",
+]
+_GLUE = [" ", ".", ":", "-", "_", "\t", "\n", "/", '"', ",", "", "x", "0", " | ", "=", "\t|  "]
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_PIECES), st.sampled_from(_GLUE)), min_size=1, max_size=14))
+def test_engines_agree_on_identifiers_glued_together(parts: list[tuple[str, str]]) -> None:
+    text = "".join(p + g for p, g in parts).encode()
+    assert full_scanner("hyperscan").scan(text) == full_scanner("python").scan(text)

@@ -181,6 +181,7 @@ class Scanner:
             i = 0
             widths = self._widths
             aheads = self._ahead
+            size = len(data)
             while i < n:
                 rid, end = ends[i]
                 width = widths[rid]
@@ -191,9 +192,11 @@ class Scanner:
                     hi = ends[i][1]
                     i += 1
                 compiled = rules[rid].compiled
-                ahead = aheads[rid]
-                # A look-ahead must see past the last end; matches ending after it belong to a later window.
-                stop = hi + ahead
+                # The regex runs on data[:stop], which it takes for the whole text: stop lies past what its
+                # trailing assertions inspect at hi (\b and $ look one byte on; $ also matches before a last
+                # newline; a look-ahead looks `ahead` bytes on), unless it is the real end. Matches ending
+                # after hi belong to a later window (or are none: Hyperscan reports every real end).
+                stop = min(size, hi + aheads[rid] + 2)
                 matches = list(compiled.finditer(data, lo, stop))
                 if lo and width == WINDOW and (not matches or matches[0].start() < lo + WINDOW // 4):
                     # An unbounded rule whose match may be longer than the window: the match found may
@@ -201,7 +204,7 @@ class Scanner:
                     lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
                     matches = list(compiled.finditer(data, lo, stop))
                 for m in matches:
-                    if not ahead or m.end() <= hi:
+                    if m.end() <= hi:
                         add((m.start(), -m.end(), rid, m))
         if self._python_rules:
             lowered: bytes | None = None
