@@ -381,3 +381,13 @@ _GLUE = [" ", ".", ":", "-", "_", "\t", "\n", "/", '"', ",", "", "x", "0", " | "
 def test_engines_agree_on_identifiers_glued_together(parts: list[tuple[str, str]]) -> None:
     text = "".join(p + g for p, g in parts).encode()
     assert full_scanner("hyperscan").scan(text) == full_scanner("python").scan(text)
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+def test_a_match_longer_than_the_window_is_found_beside_a_short_one() -> None:
+    # Two ends of one rule close together: the first belongs to a match that starts more than a window
+    # before it (an overlong bucket name), the second to a short match. Both must be found.
+    text = b"https://s3.amazonaws.com/" + b"x" * 1500 + b"/logs s3.amazonaws.com/bucket-name/key"
+    hits = full_scanner("hyperscan").scan(text)
+    assert hits == full_scanner("python").scan(text)
+    assert [text[h.start:h.end] for h in hits] == [b"x" * 1500, b"bucket-name"]

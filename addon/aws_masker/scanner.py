@@ -187,6 +187,7 @@ class Scanner:
                 width = widths[rid]
                 lo = end - width if end > width else 0
                 hi = end
+                first = i
                 i += 1
                 while i < n and ends[i][0] == rid and ends[i][1] - width <= hi:
                     hi = ends[i][1]
@@ -198,9 +199,12 @@ class Scanner:
                 # after hi belong to a later window (or are none: Hyperscan reports every real end).
                 stop = min(size, hi + aheads[rid] + 2)
                 matches = list(compiled.finditer(data, lo, stop))
-                if lo and width == WINDOW and (not matches or matches[0].start() < lo + WINDOW // 4):
+                if lo and width == WINDOW and (
+                        not matches or matches[0].start() < lo + WINDOW // 4
+                        or not {e for _, e in ends[first:i]} <= {m.end() for m in matches}):
                     # An unbounded rule whose match may be longer than the window: the match found may
-                    # be a piece of it (or none was found). Search again from much further back.
+                    # be a piece of it, or an end Hyperscan reported is not explained by a match found in
+                    # the window. Search again from much further back.
                     lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
                     matches = list(compiled.finditer(data, lo, stop))
                 for m in matches:
