@@ -1,11 +1,14 @@
-"""Finding identifiers in bytes: one Hyperscan pass over all rules, with a pure-Python fallback.
+"""Finding identifiers in bytes: Hyperscan passes over all rules at once, with a pure-Python fallback.
 
-Hyperscan only *locates* candidates in a single pass over all rules (the offsets where a rule's match ends);
-each rule's own Python regex then runs over the short windows that end there, which confirms the match,
-finds its start and yields named groups. Overlapping
-candidates resolve leftmost-first, longest at the same start, so an account ID inside an ARN is replaced
-once (by the ARN rule's groups). Rules Hyperscan cannot compile, and every rule when Hyperscan is missing,
-run as Python regexes behind their keyword prefilters; both engines return the same replacements.
+Hyperscan only *locates* candidates, in two passes over the text: the literal prefixes of the rules that
+have a selective one (``arn:aws:iam::``, ``AKIA``, ``i-``), and the ends of the matches of the other rules
+(hostnames, IP addresses), compiled with their word boundaries and look-arounds set aside — which can only
+add candidates. Each rule's own Python regex then confirms a candidate (at the literal, or in a window that
+ends at the reported end), finds its start and yields named groups. Overlapping candidates resolve
+leftmost-first, longest at the same start, so an account ID inside an ARN is replaced once (by the ARN
+rule's groups). Rules Hyperscan cannot compile, and every rule when Hyperscan is missing, run as Python
+regexes behind their keyword prefilters; both engines return the same replacements (the tests compare them;
+a match longer than the search window, 1 KiB, far beyond any real identifier, may be found in part).
 """
 
 from __future__ import annotations
