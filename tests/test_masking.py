@@ -181,6 +181,10 @@ def test_scan_results_of_long_texts_are_remembered_safely() -> None:
     scanner.clear_cache()
     assert scanner.scan(text) == second
     assert len(scanner.scan(text + b" i-89abcdef")) == 4  # a different text is scanned again
+    for _ in range(2):  # the (kind, original) keys are remembered with the hits, and copied out too
+        hits, keys = scanner.scan_keys(text)
+        assert keys == [(h.kind, text[h.start:h.end]) for h in hits] and hits == second
+        keys.clear()
 
 
 def test_scan_results_of_short_texts_are_remembered_safely() -> None:

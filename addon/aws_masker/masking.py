@@ -92,8 +92,9 @@ class BodyMasker:
         keys: list[Key] = []
         rules: list[str] = []
         for seg in plan.segments:
-            data = seg.data
-            seg.keys = [(h[2], data[h[0]:h[1]]) for h in seg.hits]
+            if not seg.keys and seg.hits:
+                data = seg.data
+                seg.keys = [(h[2], data[h[0]:h[1]]) for h in seg.hits]
             keys += seg.keys
             rules += [h[3] for h in seg.hits]
         plan.rule_counts.update(rules)
@@ -113,7 +114,7 @@ class BodyMasker:
             doc = json.loads(content, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             return None
-        scan = self.scanner.scan
+        scan = self.scanner.scan_keys
         segments: list[Segment] = []
         slots: list[tuple[Any, Any]] = []  # (container, key) of each string that has hits
         if isinstance(doc, str):
@@ -128,9 +129,9 @@ class BodyMasker:
             for k, v in items:
                 if isinstance(v, str):
                     b = v.encode("utf-8", "surrogatepass")
-                    hits = scan(b)
+                    hits, keys = scan(b)
                     if hits:
-                        segments.append(Segment(b, hits))
+                        segments.append(Segment(b, hits, keys))
                         slots.append((node, k))
                 elif isinstance(v, (dict, list)):
                     stack.append(v)

@@ -120,8 +120,9 @@ class Scanner:
             (t[0][1], r.id) if t[0][0] == "" and not r.allow and r.validate is None and "{" not in t[0][1]
             else None for r, t in self._targets]
         self._db: Any = None
-        self._cache: dict[bytes, list[Hit]] = {}  # 128-bit hash of a long text -> its hits
-        self._small: dict[bytes, list[Hit]] = {}  # a short text -> its hits
+        # remembered scans: (hits, (kind, matched bytes) of each hit)
+        self._cache: dict[bytes, tuple[list[Hit], list[tuple[str, bytes]]]] = {}  # by 128-bit hash of a text
+        self._small: dict[bytes, tuple[list[Hit], list[tuple[str, bytes]]]] = {}  # short texts as they are
         self._cached_hits = 0
         self._db_start: Any = None
         # literal id -> [(rule index, literal length, the rule's regex match method)]
@@ -241,25 +242,37 @@ class Scanner:
         Results are remembered: LLM clients send the whole conversation with every turn, so all but the
         newest message were scanned before; short strings (roles, model names, "Noted.") come again and
         again. Long texts are remembered by a 128-bit hash, short ones by themselves."""
+        return list(self._remembered(data)[0])
+
+    def scan_keys(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
+        """``scan(data)`` and the (kind, matched bytes) of each hit, remembered with it."""
+        hits, keys = self._remembered(data)
+        return list(hits), list(keys)
+
+    def _remembered(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
         if len(data) < CACHE_MIN:
             small = self._small
-            hits = small.get(data)
-            if hits is None:
-                hits = self._scan(data)
+            found = small.get(data)
+            if found is None:
+                found = self._scan_keys(data)
                 if len(small) >= SMALL_ENTRIES:
                     small.clear()  # cheaper than keeping an order; refills with what still comes
-                small[data] = hits
-            return list(hits)
-        key = hashlib.blake2b(data, digest_size=16).digest()
+                small[data] = found
+            return found
+        digest = hashlib.blake2b(data, digest_size=16).digest()
         cache = self._cache
-        hits = cache.pop(key, None)  # re-inserted below: most recently used last
-        if hits is None:
-            hits = self._scan(data)
-            self._cached_hits += len(hits)
+        found = cache.pop(digest, None)  # re-inserted below: most recently used last
+        if found is None:
+            found = self._scan_keys(data)
+            self._cached_hits += len(found[0])
             while cache and (len(cache) >= CACHE_ENTRIES or self._cached_hits > CACHE_HITS):
-                self._cached_hits -= len(cache.pop(next(iter(cache))))
-        cache[key] = hits
-        return list(hits)
+                self._cached_hits -= len(cache.pop(next(iter(cache)))[0])
+        cache[digest] = found
+        return found
+
+    def _scan_keys(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
+        hits = self._scan(data)
+        return hits, [(h[2], data[h[0]:h[1]]) for h in hits]
 
     def clear_cache(self) -> None:
         """Forget remembered scan results (benchmarks measure cold scans)."""
@@ -483,7 +496,7 @@ _START_LONGEST_RULE = operator.itemgetter(0, 1, 2)  # (start, -end, rule index):
 CACHE_MIN = 512  # texts at least this long have their scan results remembered by hash, shorter ones as such
 SMALL_ENTRIES = 4096  # ... at most this many short ones (<= 2 MB)
 CACHE_ENTRIES = 4096  # ... at most this many (least recently used go first)
-CACHE_HITS = 20_000  # ... holding at most this many hits together (~2 MB)
+CACHE_HITS = 20_000  # ... holding at most this many hits together (~4 MB with their keys)
 WINDOW = 1024  # how far back from a match end a rule is searched first (its longest match if shorter)
 MAX_WINDOW = 64 * 1024  # ... and at most, when a rule's matches may be longer than WINDOW
 
