@@ -143,6 +143,10 @@ class AwsMasker:
         self.recent: OrderedDict[bytes, bytes] = OrderedDict()  # placeholder -> original, namespace scope
         self._tasks: set[asyncio.Task[Any]] = set()
         self.view_flows = FlowMappings()  # development: mappings of recent flows for the content view
+        self.dev = False  # masker_env == "development"
+        self.max_body = 8 * 1024 * 1024  # masker_max_body
+        self.namespace_scope = False  # masker_unmask_scope == "namespace"
+        self.fail_open = False  # masker_fail_open
 
     # -- options -------------------------------------------------------------------------------------
 
@@ -253,6 +257,12 @@ class AwsMasker:
             self.hosts, self.host_ports = _parse_hosts(ctx.options.masker_hosts)
         if "masker_rules" in updated:
             self._load_rules(ctx.options.masker_rules)
+        # Read by the hooks for every flow: kept as attributes once the options are valid.
+        opts = ctx.options
+        self.dev = opts.masker_env == "development"
+        self.max_body = opts.masker_max_body
+        self.namespace_scope = opts.masker_unmask_scope == "namespace"
+        self.fail_open = opts.masker_fail_open
 
     def _configure_store(self, updated: set[str], first: bool) -> None:
         opts = ctx.options
@@ -407,9 +417,9 @@ class AwsMasker:
         # Masking needs the whole body: never let stream_large_bodies stream a request to a masked host.
         flow.request.stream = False
         length = flow.request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > ctx.options.masker_max_body:
+        if length.isdigit() and int(length) > self.max_body:
             self._block(flow, Blocked(413, f"request body of {length} bytes is larger than masker_max_body "
-                                           f"({ctx.options.masker_max_body} bytes)"))
+                                           f"({self.max_body} bytes)"))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not self._ours(flow):
@@ -436,7 +446,7 @@ class AwsMasker:
         state.mask_ms = (time.perf_counter() - started) * 1000
         self.flows[flow.id] = state
         flow.request.anticomp()
-        dev = ctx.options.masker_env == "development"
+        dev = self.dev
         if self.events is not None or (dev and state.masked):
             state.safe_path = self._safe_path(flow)  # scrubbed once, for the log line and both events
         if state.masked:
@@ -473,7 +483,7 @@ class AwsMasker:
     async def _mask(self, flow: http.HTTPFlow) -> FlowState | None:
         assert self.body_masker is not None
         req = flow.request
-        limit = ctx.options.masker_max_body
+        limit = self.max_body
         raw = req.raw_content
         if raw is None:
             raise Blocked(413, "request body was streamed, it cannot be masked")
@@ -498,12 +508,12 @@ class AwsMasker:
         placeholders = await self.store.placeholders_for(plan.items)
         new_content, mapping = plan.render(placeholders)
         req.content = new_content
-        if ctx.options.masker_unmask_scope == "namespace":
+        if self.namespace_scope:
             self._remember(mapping)
         return FlowState(mapping, plan.rule_counts, plan.count, 0.0, plan.placeholder_rules(placeholders))
 
     def _block(self, flow: http.HTTPFlow, blocked: Blocked) -> None:
-        if ctx.options.masker_fail_open:
+        if self.fail_open:
             self.fail_open_count += 1
             log.warning("aws-masker: FAIL-OPEN: forwarding %s %s%s UNMASKED (%d so far): %s",
                         flow.request.method, flow.request.pretty_host, self._safe_path(flow),
@@ -530,14 +540,14 @@ class AwsMasker:
         ctype = resp.headers.get("content-type", "")
         length = resp.headers.get("content-length", "")
         sse = "text/event-stream" in ctype.lower()
-        if not sse and length.isdigit() and int(length) <= ctx.options.masker_max_body:
+        if not sse and length.isdigit() and int(length) <= self.max_body:
             return  # buffered; restored in response()
         mapping = self._stream_mapping(state)
         state.streamed = True
         if not mapping:
             resp.stream = True  # nothing to restore: stream it untouched rather than buffer it
             return
-        keep = TEXT_LOG_LIMIT if ctx.options.masker_env == "development" else 0
+        keep = TEXT_LOG_LIMIT if self.dev else 0
         encoding = resp.headers.get("content-encoding", "")
         restorer = StreamRestorer(mapping, ctype, encoding, text_log_limit=keep)
         state.restorer = restorer
@@ -553,7 +563,7 @@ class AwsMasker:
     def _stream_mapping(self, state: FlowState) -> dict[bytes, bytes]:
         """Mappings a streamed reply is restored with. A stream cannot wait for the store, so with namespace
         scope it also gets the placeholders this proxy minted or used recently."""
-        if ctx.options.masker_unmask_scope != "namespace" or not self.recent:
+        if not self.namespace_scope or not self.recent:
             return state.mapping
         return {**self.recent, **state.mapping}
 
@@ -575,7 +585,7 @@ class AwsMasker:
     def _decoded_reply(self, flow: http.HTTPFlow, state: FlowState) -> bytes | None:
         """The reply body, decoded once, when placeholders may have to be restored in it; None otherwise."""
         resp = flow.response
-        if resp is None or (not state.mapping and ctx.options.masker_unmask_scope != "namespace"):
+        if resp is None or (not state.mapping and not self.namespace_scope):
             return None
         try:
             return resp.get_content(strict=True)
@@ -620,7 +630,7 @@ class AwsMasker:
             flow.comment = (flow.comment + "; " if flow.comment else "aws-masker: ") + \
                 "restored " + _summary(rules)
         if self.events is not None and flow.response is not None:
-            dev = ctx.options.masker_env == "development"
+            dev = self.dev
             self.events.emit(unmask_event(
                 flow.id, flow.request.pretty_host, state.safe_path or self._safe_path(flow), state.restored,
                 rules,
@@ -629,7 +639,7 @@ class AwsMasker:
 
     async def _reply_mapping(self, state: FlowState, content: bytes) -> dict[bytes, bytes]:
         """This flow's mappings; with namespace scope also any other placeholder of the namespace."""
-        if ctx.options.masker_unmask_scope != "namespace" or PREFIX not in content:
+        if not self.namespace_scope or PREFIX not in content:
             return state.mapping
         unknown = [t for t in dict.fromkeys(TOKEN_RE.findall(content)) if t not in state.mapping]
         if not unknown:
