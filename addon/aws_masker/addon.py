@@ -631,9 +631,9 @@ class AwsMasker:
                 "restored " + _summary(rules)
         if self.events is not None and flow.response is not None:
             dev = self.dev
+            path = state.safe_path or self._safe_path(flow)
             self.events.emit(unmask_event(
-                flow.id, flow.request.pretty_host, state.safe_path or self._safe_path(flow), state.restored,
-                rules,
+                flow.id, flow.request.pretty_host, path, state.restored, rules,
                 state.restore_ms, state.reply_bytes or len(flow.response.raw_content or b""), state.streamed,
                 sorted(p.decode() for p in state.restored_placeholders) if dev else None))
 
