@@ -89,6 +89,60 @@ def test_form_bodies_are_decoded_masked_and_reencoded() -> None:
     assert restored == parse_qsl(body.decode(), keep_blank_values=True)
 
 
+# Values recognisable only by their label: in structured JSON (a tool call's input object) the label is the
+# key, not part of the string. Fake values; every one must be masked and restored exactly.
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+SECRET2 = "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY"
+
+
+def test_values_recognised_by_their_key_in_structured_json() -> None:
+    doc = {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "aws", "input": {
+        "aws_secret_access_key": SECRET,
+        "AccountId": "444455556666",
+        "OwnerId": "123456789012",
+        "Credentials": {"SecretAccessKey": SECRET2},
+        "Principal": {"AWS": ["arn:aws:iam::111122223333:root", "777788889999", ["210987654321"]]},
+        "note": "plain words stay",
+    }}]}]}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    for original in (SECRET, SECRET2, "444455556666", "123456789012", "111122223333", "777788889999",
+                     "210987654321"):
+        assert original.encode() not in out, original
+    masked = json.loads(out)["messages"][0]["content"][0]["input"]
+    assert masked["aws_secret_access_key"].startswith("AWS_SECRET_ACCESS_KEY_")
+    assert masked["AccountId"].startswith("AWS_ACCOUNT_")
+    assert masked["note"] == "plain words stay"
+    assert "aws_secret_access_key" in masked and "SecretAccessKey" in masked["Credentials"]  # keys stay
+    restored, _ = restore_bytes(out, mapping, in_json=True)
+    assert json.loads(restored) == doc
+
+
+def test_a_key_only_adds_hits_and_never_masks_a_value_that_does_not_need_it() -> None:
+    doc = {"AccountId": "not an id", "Amount": "123456789012", "Owner": "team payments",
+           "aws_secret_access_key": "short", "InstanceId": "i-0123abcd", "AWS": ["us-east-1"],
+           "arn:aws:iam::123456789012:root": "a key that is an ARN stays"}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    masked = json.loads(out)
+    assert masked["InstanceId"].startswith("AWS_EC2_INSTANCE_")  # found alone, as before
+    assert {k: v for k, v in masked.items() if k != "InstanceId"} == \
+        {k: v for k, v in doc.items() if k != "InstanceId"}
+    assert len(mapping) == 1
+
+
+def test_form_values_are_recognised_by_their_key() -> None:
+    body = f"AWSAccountId=444455556666&aws_secret_access_key={SECRET.replace('/', '%2F')}&q=hello".encode()
+    out, mapping = mask(body, "application/x-www-form-urlencoded")
+    assert b"444455556666" not in out and SECRET.encode() not in out
+    assert SECRET.replace("/", "%2F").encode() not in out
+    assert out.endswith(b"&q=hello")
+    from urllib.parse import parse_qsl
+
+    restored = [(k, restore_bytes(v.encode(), mapping)[0].decode()) for k, v in parse_qsl(out.decode())]
+    assert restored == parse_qsl(body.decode())
+
+
 def test_malformed_json_is_masked_as_text() -> None:
     body = b'{"messages": [ "i-0123abcd" ,, }'
     out, mapping = mask(body, "application/json")

@@ -84,6 +84,26 @@ def test_non_streamed_round_trip_is_exact(client, fake_upstream, api, tools) -> 
         assert parts.tool_input == {"text": expected_reply_text(req)}
 
 
+def test_structured_tool_input_values_are_masked_by_their_keys(client, fake_upstream) -> None:
+    """A tool call's input object: a secret key and account IDs recognisable only by their keys."""
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    tool_input = {"aws_secret_access_key": secret, "AccountId": "444455556666",
+                  "Principal": {"AWS": ["arn:aws:iam::111122223333:root", "777788889999"]}}
+    req = make_request(ANTHROPIC)
+    req["messages"] += [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "aws",
+                                           "input": tool_input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "done"}]},
+    ]
+    r = client.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=req)
+    assert r.status_code == 200, r.text
+    assert_no_original(fake_upstream, [*ORIGINALS, secret, "444455556666", "111122223333", "777788889999"])
+    sent = fake_upstream.last_request.json()["messages"][1]["content"][0]["input"]
+    assert sent["AccountId"].startswith("AWS_ACCOUNT_")
+    assert sent["Principal"]["AWS"][1].startswith("AWS_ACCOUNT_")
+    assert reply_parts(ANTHROPIC, r.json()).text == expected_reply_text(req)
+
+
 def test_gzip_reply_is_restored(client, fake_upstream) -> None:
     req = make_request(ANTHROPIC)
     r = client.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=req, headers={"x-fake-encoding": "gzip"})

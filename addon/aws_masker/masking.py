@@ -9,6 +9,12 @@ Masking is split in two so the (possibly remote) store is called once per reques
 JSON bodies are masked inside every string value at any depth (keys and other values stay); form bodies
 value by value; anything else as bytes. A JSON body that does not parse (or is nested too deep for the JSON
 parser) is masked as text, which still finds every identifier that is not itself JSON-escaped.
+
+Many identifiers are only recognisable by what precedes them: a secret access key or a bare account ID
+after a label naming it. In structured JSON (a tool call's input object, say) that label is the value's key,
+not part of the string, so short values are scanned a second time after their key, written the way it
+would appear in text (``"SecretAccessKey": "`` for a value, ``"AWS": ["`` for a list element, ``key=`` in a
+form); only hits inside the value count, and they are merged with the value's own hits.
 """
 
 from __future__ import annotations
@@ -72,9 +78,37 @@ class MaskPlan:
         return self._assemble(rendered), mapping
 
 
+CONTEXT_VALUE_MAX = 1024  # string values up to this long are also scanned after their key
+CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
+
+
 class BodyMasker:
     def __init__(self, scanner: Scanner) -> None:
         self.scanner = scanner
+
+    def _scan_value(self, value: bytes, context: bytes) -> tuple[list[Hit], list[Key]]:
+        """Hits in ``value`` (a JSON string or form value), also those that need ``context`` — the value's
+        key as it would appear in text — before them to be recognised."""
+        hits, keys = self.scanner.scan_keys(value)
+        if not context or len(value) > CONTEXT_VALUE_MAX:
+            return hits, keys
+        n = len(context)
+        chits, ckeys = self.scanner.scan_keys(context + value)
+        inside = [(Hit(h[0] - n, h[1] - n, h[2], h[3]), k)
+                  for h, k in zip(chits, ckeys, strict=True) if h[0] >= n]
+        if not inside or [h for h, _ in inside] == hits:
+            return hits, keys
+        # Both: leftmost first, the longest at one start (the hit found with the key first), no overlaps.
+        merged = sorted([*inside, *zip(hits, keys, strict=True)], key=lambda hk: (hk[0][0], -hk[0][1]))
+        out_hits: list[Hit] = []
+        out_keys: list[Key] = []
+        pos = 0
+        for h, k in merged:
+            if h[0] >= pos:
+                out_hits.append(h)
+                out_keys.append(k)
+                pos = h[1]
+        return out_hits, out_keys
 
     def plan(self, content: bytes, content_type: str = "") -> MaskPlan:
         if not content:
@@ -114,7 +148,7 @@ class BodyMasker:
             doc = json.loads(content, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             return None
-        scan = self.scanner.scan_keys
+        scan = self._scan_value
         segments: list[Segment] = []
         slots: list[tuple[Any, Any]] = []  # (container, key) of each string that has hits
         if isinstance(doc, str):
@@ -122,19 +156,35 @@ class BodyMasker:
             unwrap = True
         else:
             unwrap = False
-        stack: list[Any] = [doc]
+        # (container, the key it sits under as text: b'"AWS": [' for a list, b'' at the top)
+        stack: list[tuple[Any, bytes]] = [(doc, b"")]
         while stack:  # iterative: deep nesting must not exhaust the Python stack
-            node = stack.pop()
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for k, v in items:
-                if isinstance(v, str):
-                    b = v.encode("utf-8", "surrogatepass")
-                    hits, keys = scan(b)
-                    if hits:
-                        segments.append(Segment(b, hits, keys))
-                        slots.append((node, k))
-                elif isinstance(v, (dict, list)):
-                    stack.append(v)
+            node, under = stack.pop()
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if isinstance(v, str):
+                        b = v.encode("utf-8", "surrogatepass")
+                        hits, keys = scan(b, _key_context(k, b'": "'))
+                        if hits:
+                            segments.append(Segment(b, hits, keys))
+                            slots.append((node, k))
+                    elif isinstance(v, dict):
+                        stack.append((v, b""))
+                    elif isinstance(v, list):
+                        stack.append((v, _key_context(k, b'": [')))
+            else:
+                context = under + b'"' if under else b""
+                for i, v in enumerate(node):
+                    if isinstance(v, str):
+                        b = v.encode("utf-8", "surrogatepass")
+                        hits, keys = scan(b, context)
+                        if hits:
+                            segments.append(Segment(b, hits, keys))
+                            slots.append((node, i))
+                    elif isinstance(v, dict):
+                        stack.append((v, b""))
+                    elif isinstance(v, list):
+                        stack.append((v, under))
 
         def assemble(parts: list[bytes]) -> bytes:
             if not slots:
@@ -150,8 +200,9 @@ class BodyMasker:
         text = content.decode("utf-8", "surrogateescape")
         pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
         segments = [Segment(v.encode("utf-8", "surrogateescape"), []) for _, v in pairs]
-        for seg in segments:
-            seg.hits = self.scanner.scan(seg.data)
+        for (k, _), seg in zip(pairs, segments, strict=True):
+            seg.hits, seg.keys = self._scan_value(
+                seg.data, k.encode("utf-8", "surrogateescape")[-CONTEXT_KEY_MAX:] + b"=")
 
         def assemble(parts: list[bytes]) -> bytes:
             if all(not s.hits for s in segments):
@@ -160,6 +211,12 @@ class BodyMasker:
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
         return self._finish(MaskPlan("form", segments, _assemble=assemble))
+
+
+def _key_context(key: str, tail: bytes) -> bytes:
+    """A JSON key as it would precede its value in text (``"SecretAccessKey": "``), at most
+    CONTEXT_KEY_MAX bytes of it."""
+    return b'"' + key.encode("utf-8", "surrogatepass")[-CONTEXT_KEY_MAX:] + tail
 
 
 def _reject_constant(name: str) -> Any:
