@@ -279,6 +279,7 @@ def bench_latency(upstream: FakeUpstream, redis_url: str, n: int) -> None:
     opts = {"masker_hosts": upstream.host_port}
     proxies = {
         "plain mitmdump": MitmProxy(None, {}),
+        "reference: JSON parse + re-encode only": MitmProxy(REPO / "scripts" / "bench_reference_addon.py", {}),
         "addon, memory store": MitmProxy(options=opts),
         "addon, Redis store": MitmProxy(options={**opts, "masker_redis_url": redis_url,
                                                  "masker_events_channel": ""}),
@@ -291,6 +292,9 @@ def bench_latency(upstream: FakeUpstream, redis_url: str, n: int) -> None:
         interleave(targets, upstream.url_for("/v1/messages"), _distinct_body, n,
                    {"content-type": "application/json"})
         latency_table(targets, targets[1], direct)
+        say("(reference: an addon that only decodes the request body, parses and re-serialises the JSON and sets "
+            "it, and sets the decoded reply again — the floor of any Python addon that rewrites JSON bodies; "
+            "scripts/bench_reference_addon.py)")
         say()
         say("Every request above is different (new identifiers, nothing remembered). A conversation resends "
             "its history with every turn; the scanner remembers what it scanned before:")
@@ -310,8 +314,9 @@ def bench_latency(upstream: FakeUpstream, redis_url: str, n: int) -> None:
         r = redis.Redis.from_url(redis_url)
         before = _client_commands(r)
         k = 50
+        redis_target = next(t for t in targets if t.name == "addon, Redis store")
         for _ in range(k):
-            targets[3].client.post(upstream.url_for("/v1/messages"), content=body,
+            redis_target.client.post(upstream.url_for("/v1/messages"), content=body,
                                    headers={"content-type": "application/json"})
         calls = _client_commands(r) - before
         say(f"- Redis store: {calls / k:.2f} round trips (commands sent by the proxy) per request with "
