@@ -43,6 +43,7 @@ from proxyproc import MitmProxy, proxied_client  # noqa: E402
 from redisproc import RedisServer  # noqa: E402
 
 ROWS: list[str] = []
+REFERENCE_ADDON = REPO / "scripts" / "bench_reference_addon.py"
 
 
 def say(line: str = "") -> None:
@@ -279,7 +280,7 @@ def bench_latency(upstream: FakeUpstream, redis_url: str, n: int) -> None:
     opts = {"masker_hosts": upstream.host_port}
     proxies = {
         "plain mitmdump": MitmProxy(None, {}),
-        "reference: JSON parse + re-encode only": MitmProxy(REPO / "scripts" / "bench_reference_addon.py", {}),
+        "reference: JSON parse + re-encode only": MitmProxy(REFERENCE_ADDON, {}),
         "addon, memory store": MitmProxy(options=opts),
         "addon, Redis store": MitmProxy(options={**opts, "masker_redis_url": redis_url,
                                                  "masker_events_channel": ""}),
@@ -292,9 +293,9 @@ def bench_latency(upstream: FakeUpstream, redis_url: str, n: int) -> None:
         interleave(targets, upstream.url_for("/v1/messages"), _distinct_body, n,
                    {"content-type": "application/json"})
         latency_table(targets, targets[1], direct)
-        say("(reference: an addon that only decodes the request body, parses and re-serialises the JSON and sets "
-            "it, and sets the decoded reply again — the floor of any Python addon that rewrites JSON bodies; "
-            "scripts/bench_reference_addon.py)")
+        say("(reference: an addon that only decodes the request body, parses and re-serialises the JSON and "
+            "sets it, and sets the decoded reply again — the floor of any Python addon that rewrites JSON "
+            "bodies; scripts/bench_reference_addon.py)")
         say()
         say("Every request above is different (new identifiers, nothing remembered). A conversation resends "
             "its history with every turn; the scanner remembers what it scanned before:")

@@ -1,9 +1,9 @@
-"""Reference addon for scripts/bench: the work ANY addon that rewrites JSON request bodies must do, nothing else.
+"""Reference addon for scripts/bench: what any addon that rewrites JSON request bodies must do, no more.
 
-It decodes the request body, parses it as JSON, serialises it again (as aws-masker does after masking) and sets
-it as the new body; it decodes the reply and sets it again (as a restore does). No scanning, no placeholders.
-Its added latency is the floor of a Python addon that rewrites a JSON body: the part of the latency budget
-that is gone before a single identifier is found.
+It decodes the request body, parses it as JSON, serialises it again (as aws-masker does after masking)
+and sets it as the new body; it decodes the reply and sets it again (as a restore does). No scanning, no
+placeholders. Its added latency is the floor of a Python addon that rewrites a JSON body: the part of the
+latency budget that is gone before a single identifier is found.
 
     mitmdump -s scripts/bench_reference_addon.py    # used by scripts/bench, not meant for real traffic
 """

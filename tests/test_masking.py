@@ -96,14 +96,16 @@ SECRET2 = "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY"
 
 
 def test_values_recognised_by_their_key_in_structured_json() -> None:
-    doc = {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "aws", "input": {
+    tool_input = {
         "aws_secret_access_key": SECRET,
         "AccountId": "444455556666",
         "OwnerId": "123456789012",
         "Credentials": {"SecretAccessKey": SECRET2},
         "Principal": {"AWS": ["arn:aws:iam::111122223333:root", "777788889999", ["210987654321"]]},
         "note": "plain words stay",
-    }}]}]}
+    }
+    doc = {"messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "aws", "input": tool_input}]}]}
     body = json.dumps(doc).encode()
     out, mapping = mask(body, "application/json")
     for original in (SECRET, SECRET2, "444455556666", "123456789012", "111122223333", "777788889999",
