@@ -13,7 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aws_masker.rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_file, load_rules
+from aws_masker.rules import (
+    BUILTIN_RULES_DIR,
+    Rule,
+    RuleError,
+    check_examples,
+    load_file,
+    load_rules,
+    with_followed,
+)
 from aws_masker.scanner import HAVE_HYPERSCAN, Hit, Scanner
 
 ENGINES = [
@@ -73,7 +81,7 @@ def test_examples_and_counterexamples_hold(engine: str) -> None:
 
     def scan_one(rule: Rule, data: bytes) -> list[bytes]:
         if rule.id not in scanners:
-            scanners[rule.id] = Scanner([rule], engine)
+            scanners[rule.id] = Scanner(with_followed(rule, catalog()), engine)
         return scanners[rule.id].scan_values(data)
 
     problems = check_examples(catalog(), scan_one)
@@ -359,6 +367,47 @@ def test_unknown_validator_names_file_and_rule(tmp_path: Path) -> None:
     path = _rule_file(tmp_path, "validator.yaml", {"extra": "validate: luhn"})
     with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'widget'.*validate 'luhn' is unknown"):
         load_rules([path], builtin=False)
+
+
+def test_follows_names_an_unknown_rule(tmp_path: Path) -> None:
+    path = _rule_file(tmp_path, "follows.yaml", {"extra": "follows: {rules: [no-such-rule], gap: ', '}"})
+    expected = re.escape(str(path)) + ".*'widget'.*follows names rule 'no-such-rule', which is not loaded"
+    with pytest.raises(RuleError, match=expected):
+        load_rules([path], builtin=False)
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("follows: [widget]", "follows must be a mapping"),
+    ("follows: {rules: [], gap: ', '}", "follows.rules is empty"),
+    ("follows: {rules: [widget], gap: '(,'}", "follows.gap does not compile"),
+])
+def test_broken_follows_names_file_rule_and_problem(tmp_path: Path, spec: str, problem: str) -> None:
+    path = _rule_file(tmp_path, "follows.yaml", {"extra": spec})
+    with pytest.raises(RuleError, match=re.escape(str(path)) + ".*'widget'.*" + re.escape(problem)):
+        load_rules([path], builtin=False)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_following_rule_counts_only_right_after_the_rules_it_follows(tmp_path: Path, engine: str) -> None:
+    path = _rule_file(tmp_path, "chain.yaml", {}, {
+        "id": "widget-next", "regex": r"\b\d{4}\b",
+        "extra": "follows: {rules: [widget, widget-next], gap: ',[ ]*'}"})
+    rules = load_rules([path], builtin=False)
+    scanner = Scanner(rules, engine)
+    assert scanner.scan_values(b"w-1234, 5678,9012 ; 3456, 7890") == [b"w-1234", b"5678", b"9012"]
+    assert scanner.scan_values(b"5678, 9012") == []
+    assert Scanner(with_followed(rules[1], rules), engine).scan_values(b"w-1111,2222") == [b"w-1111", b"2222"]
+
+
+def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
+    policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
+        "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
+        "222233334444", "arn:aws:sts::555566667777:assumed-role/Deploy/session-1", "888899990000"]}}]},
+        indent=4).encode()
+    found = set(full_scanner("python").scan_values(policy))
+    for account in (b"111122223333", b"444455556666", b"777788889999", b"222233334444", b"555566667777",
+                    b"888899990000"):
+        assert account in found
 
 
 # Pieces that put identifiers next to each other and next to characters that matter to word boundaries,

@@ -24,7 +24,7 @@ from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .masking import BodyMasker
 from .placeholders import PREFIX, TOKEN_RE, restore_bytes
-from .rules import RuleError, check_examples, load_rules
+from .rules import RuleError, check_examples, load_rules, with_followed
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
 from .streaming import StreamRestorer
@@ -383,7 +383,7 @@ class AwsMasker:
         builtin = _builtin_sources()
         problems = check_examples(
             [r for r in rules if r.source not in builtin],
-            lambda rule, data: Scanner([rule], "python").scan_values(data),
+            lambda rule, data: Scanner(with_followed(rule, rules), "python").scan_values(data),
         )
         if problems:
             raise exceptions.OptionsError("masker_rules: a rule fails its own examples: " + problems[0])

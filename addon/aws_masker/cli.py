@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .masking import BodyMasker, MaskPlan
-from .rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_rules, rule_files
+from .rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_rules, rule_files, with_followed
 from .scanner import Scanner
 from .store import MemoryStore
 
@@ -75,7 +75,8 @@ def build_scanner(extra: Sequence[str], engine: str) -> Scanner:
     rules = load_rules(extra)
     builtin = {str(p) for p in rule_files(BUILTIN_RULES_DIR)} if BUILTIN_RULES_DIR.is_dir() else set()
     user: list[Rule] = [r for r in rules if r.source not in builtin]
-    problems = check_examples(user, lambda rule, data: Scanner([rule], "python").scan_values(data))
+    problems = check_examples(
+        user, lambda rule, data: Scanner(with_followed(rule, rules), "python").scan_values(data))
     if problems:
         raise RuleError("a rule fails its own examples: " + problems[0])
     return Scanner(rules, engine)

@@ -11,6 +11,9 @@ A rule file holds ``rules:``, a list of mappings::
         groups: {account: ACCOUNT}              # optional: mask these named groups (kinds may use {group})
         validate: ipv4                          # optional: a named check on the masked value
         allow: ["i-00000000"]                   # optional: exact values never masked
+        follows:                                # optional: only right after a hit of these rules, with
+          rules: [aws-arn-iam]                  #   nothing but `gap` between (list elements: "…", "…")
+          gap: '["'']?[ \\t]*,[ \\t]*["'']?'
         examples:                               # must match; `masked` lists the exact masked substrings
           - text: "instance i-0123456789abcdef0 is running"
             masked: ["i-0123456789abcdef0"]
@@ -53,7 +56,7 @@ ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 KNOWN_KEYS = {
     "id", "description", "regex", "keywords", "placeholder", "groups", "validate", "allow",
-    "examples", "counterexamples",
+    "examples", "counterexamples", "follows",
 }
 
 
@@ -117,6 +120,8 @@ class Rule:
     allow: frozenset[bytes] = frozenset()
     examples: tuple[Example, ...] = ()
     counterexamples: tuple[str, ...] = ()
+    follows: tuple[str, ...] = ()  # ids of the rules whose hit must come right before this rule's
+    gap: re.Pattern[bytes] | None = None  # ... with only this between them (matched whole)
     compiled: re.Pattern[bytes] = field(init=False, repr=False)
     case_insensitive: bool = field(init=False, default=False)
 
@@ -192,6 +197,21 @@ def parse_rule(raw: object, source: str, index: int) -> Rule:
             raise _fail(source, rid, f"validate {name!r} is unknown (known: {', '.join(sorted(VALIDATORS))})")
         validate = VALIDATORS[name]
 
+    follows: tuple[str, ...] = ()
+    gap = None
+    if raw.get("follows") is not None:
+        spec = raw["follows"]
+        if not isinstance(spec, dict) or set(spec) != {"rules", "gap"} or not isinstance(spec["gap"], str):
+            raise _fail(source, rid, "follows must be a mapping with rules (a list of rule ids) and gap "
+                                     "(a regex)")
+        follows = tuple(_as_str_list(spec["rules"], "follows.rules", source, rid))
+        if not follows:
+            raise _fail(source, rid, "follows.rules is empty")
+        try:
+            gap = re.compile(spec["gap"].encode("utf-8"))
+        except re.error as e:
+            raise _fail(source, rid, f"follows.gap does not compile: {e}") from None
+
     examples = []
     for ex in raw.get("examples") or []:
         if isinstance(ex, str):
@@ -215,6 +235,8 @@ def parse_rule(raw: object, source: str, index: int) -> Rule:
         allow=frozenset(a.encode("utf-8") for a in _as_str_list(raw.get("allow"), "allow", source, rid)),
         examples=tuple(examples),
         counterexamples=tuple(_as_str_list(raw.get("counterexamples"), "counterexamples", source, rid)),
+        follows=follows,
+        gap=gap,
     )
 
 
@@ -256,7 +278,17 @@ def load_rules(extra: Iterable[str | Path] = (), builtin: bool = True) -> list[R
                 raise _fail(rule.source, rule.id, f"id already defined in {seen[rule.id]}")
             seen[rule.id] = rule.source
             rules.append(rule)
+    for rule in rules:
+        for other in rule.follows:
+            if other not in seen:
+                raise _fail(rule.source, rule.id, f"follows names rule {other!r}, which is not loaded")
     return rules
+
+
+def with_followed(rule: Rule, rules: Sequence[Rule]) -> list[Rule]:
+    """``rule`` and the rules it follows (from ``rules``, in their order): what its examples are checked
+    with, since on its own it never matches."""
+    return [r for r in rules if r.id in rule.follows and r is not rule] + [rule]
 
 
 def check_examples(rules: Sequence[Rule], scan: Callable[[Rule, bytes], list[bytes]]) -> list[str]:

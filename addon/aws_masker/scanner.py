@@ -118,7 +118,10 @@ class Scanner:
         # (kind, rule id) of rules whose hit is simply their whole match: no groups, checks or templates.
         self._plain: list[tuple[str, str] | None] = [
             (t[0][1], r.id) if t[0][0] == "" and not r.allow and r.validate is None and "{" not in t[0][1]
-            else None for r, t in self._targets]
+            and not r.follows else None for r, t in self._targets]
+        # per rule that only counts right after certain rules' hits: (their ids, fullmatch of the gap)
+        self._follows = [(frozenset(r.follows), r.gap.fullmatch) if r.follows and r.gap is not None else None
+                         for r in self.rules]
         self._db: Any = None
         # remembered scans: (hits, (kind, matched bytes) of each hit)
         self._cache: dict[bytes, tuple[list[Hit], list[tuple[str, bytes]]]] = {}  # by 128-bit hash of a text
@@ -289,6 +292,7 @@ class Scanner:
         cands.sort(key=_START_LONGEST_RULE)
         hits: list[Hit] = []
         plain = self._plain
+        follows = self._follows
         pos = 0
         for start, neg_end, rid, m in cands:
             if start < pos or start == -neg_end:
@@ -298,6 +302,10 @@ class Scanner:
                 hits.append(_new_hit(Hit, (start, -neg_end, *simple)))
                 pos = -neg_end
             elif self._acceptable(rid, m):
+                after = follows[rid]
+                if after is not None and not (hits and hits[-1][3] in after[0]
+                                              and after[1](data, hits[-1][1], start) is not None):
+                    continue  # not right after a hit of the rules it follows (the next list element)
                 hits.extend(self._expand(rid, m))
                 pos = -neg_end
         return hits
