@@ -233,6 +233,15 @@ def test_undecodable_body_is_refused_with_415(client, fake_upstream, encoding, b
     assert_blocked(r, 415, encoding, fake_upstream)
 
 
+def test_websocket_upgrade_is_refused_with_501(client, fake_upstream) -> None:
+    """WebSocket messages (OpenAI Realtime, Gemini Live) would pass frame by frame, unmasked."""
+    r = client.get(fake_upstream.url_for("/v1/realtime"), headers={
+        "connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert_blocked(r, 501, "WebSocket", fake_upstream)
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_store_unavailable_is_refused_with_503(start_proxy, fake_upstream) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -416,6 +416,11 @@ class AwsMasker:
             return
         # Masking needs the whole body: never let stream_large_bodies stream a request to a masked host.
         flow.request.stream = False
+        if "websocket" in flow.request.headers.get("upgrade", "").lower():
+            # Its messages would pass frame by frame, unmasked (OpenAI Realtime, Gemini Live): refuse it.
+            self._block(flow, Blocked(501, "WebSocket connections cannot be masked (their messages would "
+                                           "leave unmasked); use the HTTP API of this host"))
+            return
         length = flow.request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             self._block(flow, Blocked(413, f"request body of {length} bytes is larger than masker_max_body "

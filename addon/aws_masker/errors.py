@@ -11,6 +11,7 @@ ERROR_TYPES = {
     413: "request_too_large",
     415: "invalid_request_error",
     500: "api_error",
+    501: "invalid_request_error",
     503: "api_error",
 }
 
