@@ -383,6 +383,37 @@ def test_curl_readme_example(proxy: MitmProxy, upstream: FakeUpstream) -> None:
     assert b"AWS_EC2_INSTANCE_" in sent and b"arn:aws:iam::AWS_ACCOUNT_" in sent
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_curl_over_http2_round_trip(start_proxy: Any, upstream: FakeUpstream,
+                                    tls_upstream_module: tuple[FakeUpstream, Path], stream: bool) -> None:
+    """HTTP/2 between client and proxy (curl negotiates h2 when the proxy offers it; mitmproxy offers it when
+    it does not first ask the upstream, which speaks HTTP/1.1 here): masked, restored, SSE included."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not found on PATH")
+    proxy = start_proxy(**masker_options(upstream, ssl_verify_upstream_trusted_ca=str(tls_upstream_module[1]),
+                                         connection_strategy="lazy", upstream_cert="false"))
+    text = "Repeat exactly: i-0123456789abcdef0 in arn:aws:iam::123456789012:role/Deploy"
+    req = {"model": "claude-sonnet-4-5", "max_tokens": 200, "stream": stream,
+           "messages": [{"role": "user", "content": text}]}
+    out = subprocess.run(
+        [curl, "-sS", "--http2", "--fail-with-body", "--max-time", "20", "--proxy", proxy.url,
+         "--cacert", str(proxy.ca_cert_path), upstream.url_for("/v1/messages"), "-w", "\n%{http_version}",
+         "-H", "x-api-key: test", "-H", "content-type: application/json", "-d", json.dumps(req)],
+        capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert out.returncode == 0, out.stderr.decode(errors="replace") + out.stdout.decode(errors="replace")
+    body, _, version = out.stdout.rpartition(b"\n")
+    assert version == b"2"
+    if stream:
+        deltas = [json.loads(line[5:])["delta"].get("text", "") for line in body.splitlines()
+                  if line.startswith(b"data:") and b'"content_block_delta"' in line]
+        assert "".join(deltas) == expected_reply_text(req)
+    else:
+        assert json.loads(body)["content"][0]["text"] == expected_reply_text(req)
+    sent = upstream.last_request.content
+    assert b"i-0123456789abcdef0" not in sent and b"123456789012" not in sent and b"AWS_ACCOUNT_" in sent
+
+
 def test_upstream_certificate_is_verified(start_proxy: Any, upstream: FakeUpstream, mitm_ca: ssl.SSLContext,
                                           proxy: MitmProxy) -> None:
     """Control: a proxy that does not trust the upstream's test CA refuses the upstream (no ssl_insecure
