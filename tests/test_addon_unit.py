@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,27 @@ def test_bad_options_name_option_and_value(masker, option, value, needle) -> Non
     addon, tctx = masker
     with pytest.raises(exceptions.OptionsError, match=needle):
         tctx.configure(addon, **{option: value})
+
+
+@pytest.mark.parametrize("bad", ["api.*.com", "*foo.example.com", "*.com", "*", "*.example.com:0"])
+def test_bad_wildcard_hosts_are_refused(masker, bad: str) -> None:
+    addon, tctx = masker
+    with pytest.raises(exceptions.OptionsError, match=re.escape(f"masker_hosts: {bad!r}")):
+        tctx.configure(addon, masker_hosts=[bad])
+
+
+def test_wildcard_hosts_mask_every_subdomain_and_nothing_else(masker) -> None:
+    addon, tctx = masker
+    tctx.configure(addon, masker_hosts=["*.openai.azure.com", "*.corp.example:8443", "api.anthropic.com"])
+    masked = [("myres.openai.azure.com", 443), ("a.b.openai.azure.com", 443),
+              ("MyRes.OpenAI.Azure.com.", 443), ("llm.corp.example", 8443), ("api.anthropic.com", 443)]
+    passed = [("openai.azure.com", 443), ("evilopenai.azure.com", 443),
+              ("myres.openai.azure.com.evil.io", 443), ("llm.corp.example", 443), ("corp.example", 8443),
+              ("api.openai.com", 443)]
+    for host, port in masked:
+        assert addon.is_masked_host(host, port), host
+    for host, port in passed:
+        assert not addon.is_masked_host(host, port), host
 
 
 def test_broken_rule_file_names_file_rule_and_problem(masker, tmp_path: Path) -> None:

@@ -72,18 +72,39 @@ class FlowState:
     safe_path: str = ""  # the request path for logs and events, scrubbed (when they need it)
 
 
-_HOSTNAME = re.compile(r"^[a-z0-9_*](?:[a-z0-9_.-]*[a-z0-9_])?$")
+_HOSTNAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?$")
 
 
-def _parse_hosts(entries: Sequence[str]) -> tuple[frozenset[str], frozenset[tuple[str, int]]]:
-    """Split ``host`` and ``host:port`` entries (IPv6 as ``[addr]`` or ``[addr]:port``)."""
+@dataclass(frozen=True)
+class HostSet:
+    """Which hosts are masked: exact names, and ``*.suffix`` wildcards (any subdomain of suffix, at any
+    depth, not suffix itself), each with or without a port."""
+
+    hosts: frozenset[str] = frozenset()
+    host_ports: frozenset[tuple[str, int]] = frozenset()
+    suffixes: tuple[str, ...] = ()  # ".openai.azure.com" for *.openai.azure.com
+    suffix_ports: frozenset[tuple[str, int]] = frozenset()
+
+    def __contains__(self, host_port: tuple[str, int | None]) -> bool:
+        host, port = host_port
+        if host in self.hosts or (host, port) in self.host_ports or host.endswith(self.suffixes):
+            return True
+        return any(host.endswith(suffix) and port == p for suffix, p in self.suffix_ports)
+
+
+def _parse_hosts(entries: Sequence[str]) -> HostSet:
+    """Parse ``host``, ``host:port``, ``*.domain`` and ``*.domain:port`` entries (IPv6 as ``[addr]`` or
+    ``[addr]:port``)."""
     hosts: set[str] = set()
     host_ports: set[tuple[str, int]] = set()
+    suffixes: set[str] = set()
+    suffix_ports: set[tuple[str, int]] = set()
     for raw in entries:
         entry = raw.strip().lower().rstrip(".")
         if not entry:
             continue
         host, port = entry, ""
+        wildcard = entry.startswith("*.")
         if entry.startswith("["):
             host, _, rest = entry[1:].partition("]")
             port = rest[1:] if rest.startswith(":") else rest
@@ -91,15 +112,22 @@ def _parse_hosts(entries: Sequence[str]) -> tuple[frozenset[str], frozenset[tupl
         elif entry.count(":") > 1:
             ok = _is_ip(entry)  # a bare IPv6 address
         else:
-            host, _, port = entry.partition(":")
+            host, _, port = entry.removeprefix("*.").partition(":")
             ok = bool(_HOSTNAME.match(host)) and (port == "" or port.isdigit()) and not entry.endswith(":")
+            ok = ok and (not wildcard or "." in host)  # *.com would mask every .com host
         if not ok or (port and not 0 < int(port) < 65536):
-            raise exceptions.OptionsError(f"masker_hosts: {raw!r} is not a host, host:port or [ipv6]:port")
-        if port:
+            raise exceptions.OptionsError(
+                f"masker_hosts: {raw!r} is not a host, host:port, *.domain (every subdomain) or [ipv6]:port")
+        if wildcard:
+            if port:
+                suffix_ports.add(("." + host, int(port)))
+            else:
+                suffixes.add("." + host)
+        elif port:
             host_ports.add((host, int(port)))
         else:
             hosts.add(host)
-    return frozenset(hosts), frozenset(host_ports)
+    return HostSet(frozenset(hosts), frozenset(host_ports), tuple(sorted(suffixes)), frozenset(suffix_ports))
 
 
 def _is_ip(value: str) -> bool:
@@ -133,8 +161,7 @@ class AwsMasker:
         self.scanner: Scanner | None = None
         self.body_masker: BodyMasker | None = None
         self.store: Store = MemoryStore()
-        self.hosts: frozenset[str] = frozenset()
-        self.host_ports: frozenset[tuple[str, int]] = frozenset()
+        self.hosts = HostSet()
         self.flows: dict[str, FlowState] = {}
         self.fail_open_count = 0
         self.redis: Any = None  # the one Redis client (and pool) of this process: store and events
@@ -154,8 +181,9 @@ class AwsMasker:
         install_view(self.view_flows.get)
         loader.add_option(
             "masker_hosts", Sequence[str], list(DEFAULT_HOSTS),
-            "Hosts (host or host:port) whose requests are masked and replies restored. Connections to "
-            "every other host are tunnelled without TLS interception and never modified.",
+            "Hosts (host, host:port, or *.domain for every subdomain of domain, e.g. *.openai.azure.com) "
+            "whose requests are masked and replies restored. Connections to every other host are tunnelled "
+            "without TLS interception and never modified.",
         )
         loader.add_option(
             "masker_rules", Sequence[str], [],
@@ -254,7 +282,7 @@ class AwsMasker:
             raise exceptions.OptionsError(
                 f"masker_max_body: {ctx.options.masker_max_body} must be a positive number of bytes")
         if "masker_hosts" in updated:
-            self.hosts, self.host_ports = _parse_hosts(ctx.options.masker_hosts)
+            self.hosts = _parse_hosts(ctx.options.masker_hosts)
         if "masker_rules" in updated:
             self._load_rules(ctx.options.masker_rules)
         # Read by the hooks for every flow: kept as attributes once the options are valid.
@@ -396,8 +424,7 @@ class AwsMasker:
     def is_masked_host(self, host: str | None, port: int | None) -> bool:
         if not host:
             return False
-        host = host.lower().rstrip(".")
-        return host in self.hosts or (port is not None and (host, port) in self.host_ports)
+        return (host.lower().rstrip("."), port) in self.hosts
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         address = data.context.server.address
