@@ -11,7 +11,8 @@ Layout (``ns`` is the namespace, ``aws-masker`` by default)::
 * One Lua script per call looks every item up or mints it (INCR the per-kind counter, SET both
   directions) and refreshes the TTL of every mapping it touched, so two proxies that meet a new
   identifier at the same moment agree on one placeholder, and a request costs ONE round trip whatever
-  its size (batches above ``chunk_size`` items are several script calls sent in one pipeline).
+  its size (batches above ``chunk_size`` items are several script calls sent in one pipeline). The items
+  travel as one length-prefixed argument, not as hundreds of keys and arguments.
 * Counters have no TTL on purpose: a counter that expired or was reset would hand out numbers again,
   and a number still present in a conversation would then be restored to another original. They are a
   few bytes per kind. Run Redis with ``maxmemory-policy noeviction`` or a ``volatile-*`` policy (every
@@ -86,31 +87,45 @@ _SEALED = b"e"
 _KID_LEN = 4
 _NONCE_LEN = 12
 
-# KEYS: per item, the forward key under the current HMAC key, then one per previous HMAC key.
 # ARGV: key prefix ("{ns}:"), ttl, number of previous HMAC keys, prefix of a value sealed with the current
-# key (or the plain tag), then per item: kind, sealed original; last, when the HMAC key is the generated
-# shared one, that key: written again (NX), so a proxy started after Redis lost its data adopts the key of
-# the proxies already running.
+# key (or the plain tag), the items, and last, when the HMAC key is the generated shared one, that key:
+# written again (NX), so a proxy started after Redis lost its data adopts the key of the proxies already
+# running. The items are ONE argument (packing hundreds of arguments costs the client more than the script
+# costs Redis): per item, as <length>:<bytes> fields, the kind, the sealed original, the hex HMAC of the
+# forward key under the current HMAC key and then one per previous HMAC key.
 # Placeholder format is that of placeholders.format_placeholder: AWS_<KIND>_<number, at least 4 digits>.
 LOOKUP_OR_MINT = """
 local ns = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local nprev = tonumber(ARGV[3])
 local vprefix = ARGV[4]
+local blob = ARGV[5]
 local plen = string.len(vprefix)
-local stride = 1 + nprev
-if #ARGV > 4 + 2 * (#KEYS / stride) then
-  redis.call('SET', ns .. 'meta:hmac-key', ARGV[#ARGV], 'NX')
+local fwdns = ns .. 'fwd:'
+if ARGV[6] then
+  redis.call('SET', ns .. 'meta:hmac-key', ARGV[6], 'NX')
+end
+local pos = 1
+local size = string.len(blob)
+local function field()
+  local colon = string.find(blob, ':', pos, true)
+  local n = tonumber(string.sub(blob, pos, colon - 1))
+  pos = colon + n + 1
+  return string.sub(blob, colon + 1, colon + n)
 end
 local out = {}
-for i = 0, #KEYS / stride - 1 do
-  local fwd = KEYS[i * stride + 1]
-  local kind = ARGV[5 + 2 * i]
-  local value = ARGV[6 + 2 * i]
+while pos <= size do
+  local kind = field()
+  local value = field()
+  local fwd = fwdns .. field()
+  local prev = {}
+  for j = 1, nprev do
+    prev[j] = fwdns .. field()
+  end
   local p = redis.call('GETEX', fwd, 'EX', ttl)
   if not p then
     for j = 1, nprev do
-      p = redis.call('GET', KEYS[i * stride + 1 + j])
+      p = redis.call('GET', prev[j])
       if p then
         redis.call('SET', fwd, p, 'EX', ttl)
         break
@@ -130,7 +145,7 @@ for i = 0, #KEYS / stride - 1 do
     until redis.call('SET', ns .. 'rev:' .. p, value, 'NX', 'EX', ttl)
     redis.call('SET', fwd, p, 'EX', ttl)
   end
-  out[i + 1] = p
+  out[#out + 1] = p
 end
 return table.concat(out, ' ')
 """
@@ -360,20 +375,24 @@ class RedisStore:
         if not self._hmac_keys:
             await self._shared_hmac_key()
         calls = []
+        hmac_keys = self._hmac_keys
+        seal = self._sealer.seal
+        digest = hmac.digest
         for start in range(0, len(items), self.chunk_size):
-            chunk = items[start:start + self.chunk_size]
-            keys: list[str] = []
-            argv: list[bytes | str | int] = [self._prefix, self.ttl, len(self._hmac_keys) - 1,
-                                             self._sealer.prefix]
-            for kind, original in chunk:
+            fields: list[bytes] = []
+            for kind, original in items[start:start + self.chunk_size]:
                 if not valid_kind(kind):
                     raise ValueError("invalid placeholder kind")
-                msg = kind.encode("ascii") + b"\0" + original
-                keys += [f"{self._prefix}fwd:{hmac.digest(k, msg, 'sha256').hex()}" for k in self._hmac_keys]
-                argv += [kind, self._sealer.seal(self._aad(kind.encode("ascii")), original)]
+                k = kind.encode("ascii")
+                value = seal(self._aad(k), original)
+                msg = k + b"\0" + original
+                fields.append(b"%d:%s%d:%s" % (len(k), k, len(value), value))
+                fields += [b"64:%s" % digest(h, msg, "sha256").hex().encode() for h in hmac_keys]
+            argv: list[bytes | str | int] = [self._prefix, self.ttl, len(hmac_keys) - 1, self._sealer.prefix,
+                                             b"".join(fields)]
             if self._shared_key is not None:
                 argv.append(self._shared_key)
-            calls.append((len(keys), *keys, *argv))
+            calls.append((0, *argv))
         results = await self._run_scripts(calls)
         out = [p for chunk_result in results for p in chunk_result.split(b" ")]
         if len(out) != len(items):
