@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from aws_masker.masking import BodyMasker
 from aws_masker.placeholders import TOKEN_RE, format_placeholder, restore_bytes
-from aws_masker.rules import load_rules
+from aws_masker.rules import load_rules, parse_rule
 from aws_masker.scanner import Scanner
 from aws_masker.store import MemoryStore
 
@@ -131,6 +131,19 @@ def test_a_key_only_adds_hits_and_never_masks_a_value_that_does_not_need_it() ->
     assert {k: v for k, v in masked.items() if k != "InstanceId"} == \
         {k: v for k, v in doc.items() if k != "InstanceId"}
     assert len(mapping) == 1
+
+
+def test_a_rule_running_from_the_key_into_the_value_does_not_hide_the_values_own_hits() -> None:
+    # A (user) rule whose match starts in the key's context and runs into the value would, on the scan with
+    # the context, swallow the instance ID; the value's own scan still finds it.
+    team = parse_rule({"id": "team-label", "description": "a label and what follows it",
+                       "regex": r'TEAM": "[\w -]+', "placeholder": "TEAM", "examples": ['TEAM": "a b']},
+                      "test", 0)
+    masker = BodyMasker(Scanner([team, *RULES]))
+    store = MemoryStore()
+    plan = masker.plan(json.dumps({"TEAM": "abc i-0123abcd"}).encode(), "application/json")
+    out, _ = plan.render(asyncio.run(store.placeholders_for(plan.items)))
+    assert json.loads(out) == {"TEAM": "abc AWS_EC2_INSTANCE_0001"}
 
 
 def test_form_values_are_recognised_by_their_key() -> None:

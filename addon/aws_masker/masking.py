@@ -12,9 +12,9 @@ parser) is masked as text, which still finds every identifier that is not itself
 
 Many identifiers are only recognisable by what precedes them: a secret access key or a bare account ID
 after a label naming it. In structured JSON (a tool call's input object, say) that label is the value's key,
-not part of the string, so short values are scanned a second time after their key, written the way it
+not part of the string, so short values are scanned after their key, written the way it
 would appear in text (``"SecretAccessKey": "`` for a value, ``"AWS": ["`` for a list element, ``key=`` in a
-form); only hits inside the value count, and they are merged with the value's own hits.
+form); only hits inside the value count.
 """
 
 from __future__ import annotations
@@ -78,27 +78,50 @@ class MaskPlan:
         return self._assemble(rendered), mapping
 
 
-CONTEXT_VALUE_MAX = 1024  # string values up to this long are also scanned after their key
+CONTEXT_VALUE_MAX = 1024  # string values up to this long are scanned after their key
 CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
+CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
 
 
 class BodyMasker:
     def __init__(self, scanner: Scanner) -> None:
         self.scanner = scanner
+        self._value_context: dict[str, bytes] = {}  # JSON key -> b'"key": "' (keys repeat a lot)
+        self._list_context: dict[bytes, bytes] = {}  # b'"key": [' -> b'"key": ["'
+
+    def _context_for(self, key: str) -> bytes:
+        contexts = self._value_context
+        if len(contexts) >= CONTEXT_ENTRIES:
+            contexts.clear()
+            self._list_context.clear()
+        context = contexts[key] = _key_context(key, b'": "')
+        return context
 
     def _scan_value(self, value: bytes, context: bytes) -> tuple[list[Hit], list[Key]]:
-        """Hits in ``value`` (a JSON string or form value), also those that need ``context`` — the value's
-        key as it would appear in text — before them to be recognised."""
-        hits, keys = self.scanner.scan_keys(value)
+        """Hits in ``value`` (a JSON string or form value), those that need ``context`` — the value's key as
+        it would appear in text — before them to be recognised included.
+
+        A short value is scanned once, after its context (which ends in a separator: ``"``, ``["`` or ``=``,
+        so it only adds what a label makes recognisable); only a rule whose match would run from the context
+        into the value makes it scanned alone too, and the two results merged."""
         if not context or len(value) > CONTEXT_VALUE_MAX:
-            return hits, keys
-        n = len(context)
-        chits, ckeys = self.scanner.scan_keys(context + value)
-        inside = [(Hit(h[0] - n, h[1] - n, h[2], h[3]), k)
-                  for h, k in zip(chits, ckeys, strict=True) if h[0] >= n]
-        if not inside or [h for h, _ in inside] == hits:
-            return hits, keys
-        # Both: leftmost first, the longest at one start (the hit found with the key first), no overlaps.
+            return self.scanner.scan_keys(value)
+        chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
+        return self._in_value(value, len(context), chits, ckeys)
+
+    def _in_value(self, value: bytes, n: int, chits: list[Hit],
+                  ckeys: list[Key]) -> tuple[list[Hit], list[Key]]:
+        """The hits of a scan of context + value (``n`` bytes of context) that lie in the value, shifted."""
+        if not chits or chits[-1][1] <= n:
+            return [], []  # nothing in the value (hits of the key itself do not count: keys stay)
+        if not any(h[0] < n < h[1] for h in chits):
+            hits = [Hit(h[0] - n, h[1] - n, h[2], h[3]) for h in chits if h[0] >= n]
+            return hits, [k for h, k in zip(chits, ckeys, strict=True) if h[0] >= n]
+        # A hit across the boundary: take the value's own hits as well. Leftmost first, the longest at one
+        # start (the one found with the context first), no overlaps.
+        inside = [(Hit(h[0] - n, h[1] - n, h[2], h[3]), k) for h, k in zip(chits, ckeys, strict=True)
+                  if h[0] >= n]
+        hits, keys = self.scanner.scan_keys(value)
         merged = sorted([*inside, *zip(hits, keys, strict=True)], key=lambda hk: (hk[0][0], -hk[0][1]))
         out_hits: list[Hit] = []
         out_keys: list[Key] = []
@@ -149,6 +172,11 @@ class BodyMasker:
         except (ValueError, RecursionError):
             return None
         scan = self._scan_value
+        scan_keys = self.scanner.scan_keys
+        remembered = self.scanner.remembered
+        in_value = self._in_value
+        value_context = self._value_context
+        list_context = self._list_context
         segments: list[Segment] = []
         slots: list[tuple[Any, Any]] = []  # (container, key) of each string that has hits
         if isinstance(doc, str):
@@ -164,7 +192,16 @@ class BodyMasker:
                 for k, v in node.items():
                     if isinstance(v, str):
                         b = v.encode("utf-8", "surrogatepass")
-                        hits, keys = scan(b, _key_context(k, b'": "'))
+                        if len(b) > CONTEXT_VALUE_MAX:
+                            hits, keys = scan_keys(b)
+                        else:  # scanned after its key (inline: most values are short and hold nothing)
+                            context = value_context.get(k)
+                            if context is None:
+                                context = self._context_for(k)
+                            chits, ckeys = remembered(context + b)
+                            if not chits:
+                                continue
+                            hits, keys = in_value(b, len(context), chits, ckeys)
                         if hits:
                             segments.append(Segment(b, hits, keys))
                             slots.append((node, k))
@@ -173,7 +210,9 @@ class BodyMasker:
                     elif isinstance(v, list):
                         stack.append((v, _key_context(k, b'": [')))
             else:
-                context = under + b'"' if under else b""
+                context = list_context.get(under) if under else b""
+                if context is None:
+                    context = list_context[under] = under + b'"'
                 for i, v in enumerate(node):
                     if isinstance(v, str):
                         b = v.encode("utf-8", "surrogatepass")

@@ -245,14 +245,16 @@ class Scanner:
         Results are remembered: LLM clients send the whole conversation with every turn, so all but the
         newest message were scanned before; short strings (roles, model names, "Noted.") come again and
         again. Long texts are remembered by a 128-bit hash, short ones by themselves."""
-        return list(self._remembered(data)[0])
+        return list(self.remembered(data)[0])
 
     def scan_keys(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
         """``scan(data)`` and the (kind, matched bytes) of each hit, remembered with it."""
-        hits, keys = self._remembered(data)
+        hits, keys = self.remembered(data)
         return list(hits), list(keys)
 
-    def _remembered(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
+    def remembered(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
+        """``scan_keys(data)`` without the copies: the remembered lists themselves, which the caller must
+        not change."""
         if len(data) < CACHE_MIN:
             small = self._small
             found = small.get(data)
