@@ -6,6 +6,8 @@ background thread) on ``127.0.0.1:<free port>``.  It records every request and a
 * ``POST /v1/messages``          Anthropic Messages (JSON or SSE when ``"stream": true``)
 * ``POST /v1/chat/completions``  OpenAI Chat Completions (JSON or ``chat.completion.chunk`` SSE)
 * ``POST /v1/responses``         OpenAI Responses API (JSON or ``response.*`` SSE events)
+* ``POST /v1beta/models/<model>:generateContent`` and ``:streamGenerateContent?alt=sse``
+                                 Google Gemini (JSON, or SSE of ``GenerateContentResponse`` chunks)
 * anything else                  echoes the raw request body byte-for-byte (same content-type)
 
 The "model" echoes: its reply text is ``expected_reply_text(request_json)`` — the system
@@ -39,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import socket
 import ssl
 import struct
@@ -64,6 +67,7 @@ except ImportError:  # pragma: no cover
 ANTHROPIC = "anthropic"
 OPENAI_CHAT = "openai-chat"
 RESPONSES = "responses"
+GEMINI = "gemini"
 
 ROUTES = {
     "/v1/messages": ANTHROPIC,
@@ -85,9 +89,25 @@ KNOB_HEADERS = {
 }
 
 
+_GEMINI_ROUTE = re.compile(r"^/v1(?:beta)?/models/[^/:]+:(generateContent|streamGenerateContent)$")
+
+
 def api_for_path(path: str) -> str | None:
-    """Return ANTHROPIC / OPENAI_CHAT / RESPONSES for an LLM route, None for echo paths."""
-    return ROUTES.get(path.split("?", 1)[0].rstrip("/") or "/")
+    """Return ANTHROPIC / OPENAI_CHAT / RESPONSES / GEMINI for an LLM route, None for echo paths."""
+    route = path.split("?", 1)[0].rstrip("/") or "/"
+    return GEMINI if _GEMINI_ROUTE.match(route) else ROUTES.get(route)
+
+
+def gemini_path(model: str = "gemini-test", *, stream: bool = False) -> str:
+    """The Gemini route for ``model``: generateContent, or streamGenerateContent as SSE."""
+    return f"/v1beta/models/{model}:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
+
+
+def is_stream_request(api: str, route: str, payload: dict[str, Any]) -> bool:
+    """Gemini streams by route; the others by ``"stream": true``."""
+    if api == GEMINI:
+        return route.endswith(":streamGenerateContent")
+    return bool(payload.get("stream"))
 
 
 def _dumps(obj: Any) -> str:
@@ -129,6 +149,18 @@ def request_texts(req: dict[str, Any]) -> tuple[list[str], list[str]]:
     """
     system: list[str] = []
     user: list[str] = []
+    if isinstance(req.get("contents"), list):  # Gemini
+        instruction = req.get("systemInstruction") or req.get("system_instruction") or {}
+        system = [p["text"] for p in instruction.get("parts", []) if isinstance(p.get("text"), str)]
+        for item in req["contents"]:
+            if isinstance(item, dict) and item.get("role", "user") == "user":
+                texts = [p["text"] for p in item.get("parts", []) if isinstance(p.get("text"), str)]
+                if texts or not any("functionResponse" in p for p in item.get("parts", [])):
+                    user = texts
+                else:  # a tool result: the response object's text
+                    user = [json.dumps(p["functionResponse"].get("response"), ensure_ascii=False)
+                            for p in item["parts"] if "functionResponse" in p]
+        return system, user
     if "system" in req:
         system.extend(_content_texts(req["system"]))
     if isinstance(req.get("instructions"), str):
@@ -169,7 +201,8 @@ def has_tools(req: dict[str, Any]) -> bool:
 def tool_name(req: dict[str, Any]) -> str:
     for tool in req.get("tools") or []:
         if isinstance(tool, dict):
-            name = tool.get("name") or (tool.get("function") or {}).get("name")
+            declarations = tool.get("functionDeclarations") or [{}]  # Gemini
+            name = tool.get("name") or (tool.get("function") or {}).get("name") or declarations[0].get("name")
             if name:
                 return str(name)
     return "echo"
@@ -569,11 +602,56 @@ def responses_events(c: _Ctx) -> list[SSE]:
             for i, e in enumerate(raw)]
 
 
+def error_body(api: str, status: int, message: str) -> dict[str, Any]:
+    """The error body of ``api`` for ``status``."""
+    if api == ANTHROPIC:
+        return anthropic_error(status, message)
+    return gemini_error(status, message) if api == GEMINI else openai_error(status, message)
+
+
+def gemini_error(status: int, message: str) -> dict[str, Any]:
+    names = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+             429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+    return {"error": {"code": status, "message": message, "status": names.get(status, "UNKNOWN")}}
+
+
+def _gemini_usage(c: _Ctx) -> dict[str, Any]:
+    out = _tokens(c.text + c.args)
+    return {"promptTokenCount": c.in_tokens, "candidatesTokenCount": out,
+            "totalTokenCount": c.in_tokens + out}
+
+
+def gemini_response(c: _Ctx) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = [{"text": c.text}]
+    if c.tools:
+        parts.append({"functionCall": {"name": tool_name(c.req), "args": expected_tool_input(c.req)}})
+    candidate = {"content": {"parts": parts, "role": "model"}, "finishReason": "STOP", "index": 0}
+    return {"candidates": [candidate], "usageMetadata": _gemini_usage(c), "modelVersion": c.model,
+            "responseId": c.id("gem_fake")}
+
+
+def gemini_events(c: _Ctx) -> list[SSE]:
+    """Chunks of text, then the function call (Gemini sends it whole), the last chunk with finishReason."""
+    base = {"usageMetadata": _gemini_usage(c), "modelVersion": c.model, "responseId": c.id("gem_fake")}
+    pieces: list[dict[str, Any]] = [{"text": p} for p in split_text(c.text, c.delta_chars)]
+    if c.tools:
+        pieces.append({"functionCall": {"name": tool_name(c.req), "args": expected_tool_input(c.req)}})
+    ev: list[SSE] = []
+    for i, part in enumerate(pieces):
+        cand: dict[str, Any] = {"content": {"parts": [part], "role": "model"}, "index": 0}
+        if i == len(pieces) - 1:
+            cand["finishReason"] = "STOP"
+        ev.append((None, {"candidates": [cand], **base}))
+    return ev
+
+
 def stream_error_event(api: str, message: str, seq: int) -> SSE:
     if api == ANTHROPIC:
         return ("error", {"type": "error", "error": {"type": "overloaded_error", "message": message}})
     if api == OPENAI_CHAT:
         return (None, openai_error(500, message))
+    if api == GEMINI:
+        return (None, gemini_error(500, message))
     return ("error", {"type": "error", "code": "server_error", "message": message, "param": None,
                       "sequence_number": seq})
 
@@ -597,6 +675,13 @@ def request_for(api: str, text: str, *, system: str = "", tools: bool = False,
                "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
         if tools:
             req["tools"] = [{"type": "function", "name": "lookup", "parameters": {}}]
+    elif api == GEMINI:  # streaming is the route's business (gemini_path), not the body's
+        req = {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+        if system:
+            req["systemInstruction"] = {"parts": [{"text": system}]}
+        if tools:
+            req["tools"] = [{"functionDeclarations": [{"name": "lookup", "description": "d"}]}]
+        return req
     else:
         raise ValueError(f"unknown api {api!r}")
     if stream:
@@ -607,13 +692,15 @@ def request_for(api: str, text: str, *, system: str = "", tools: bool = False,
 def build_reply(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16) -> dict[str, Any]:
     """Non-streamed reply object the fake sends for ``req``."""
     c = _Ctx(req, n, delta_chars)
-    return {ANTHROPIC: anthropic_message, OPENAI_CHAT: chat_completion, RESPONSES: responses_object}[api](c)
+    return {ANTHROPIC: anthropic_message, OPENAI_CHAT: chat_completion, RESPONSES: responses_object,
+            GEMINI: gemini_response}[api](c)
 
 
 def build_events(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16) -> list[SSE]:
     """SSE events (event name, data) the fake streams for ``req``."""
     c = _Ctx(req, n, delta_chars)
-    return {ANTHROPIC: anthropic_events, OPENAI_CHAT: chat_events, RESPONSES: responses_events}[api](c)
+    return {ANTHROPIC: anthropic_events, OPENAI_CHAT: chat_events, RESPONSES: responses_events,
+            GEMINI: gemini_events}[api](c)
 
 
 def encode_sse(event: str | None, data: Any) -> bytes:
@@ -716,6 +803,13 @@ def reply_parts(api: str, obj: dict[str, Any]) -> ReplyParts:
             return ReplyParts(msg.get("content") or "", calls[0]["function"]["arguments"],
                               calls[0]["function"]["name"])
         return ReplyParts(msg.get("content") or "")
+    if api == GEMINI:
+        parts = obj["candidates"][0]["content"]["parts"]
+        text = "".join(p["text"] for p in parts if "text" in p and not p.get("thought"))
+        calls = [p["functionCall"] for p in parts if "functionCall" in p]
+        if calls:
+            return ReplyParts(text, json.dumps(calls[0]["args"], ensure_ascii=False), calls[0]["name"])
+        return ReplyParts(text)
     text = "".join(p["text"] for item in obj["output"] if item["type"] == "message"
                    for p in item["content"] if p["type"] == "output_text")
     calls = [item for item in obj["output"] if item["type"] == "function_call"]
@@ -738,6 +832,23 @@ def reassemble_stream(api: str, events: Iterable[SSEEvent], *, check: bool = Tru
     error = None
     types: list[str] = []
     for i, ev in enumerate(events):
+        if api == GEMINI:
+            d = ev.json()
+            if "error" in d:
+                error = d["error"]
+                types.append("error")
+                continue
+            types.append("chunk")
+            for cand in d.get("candidates", []):
+                for part in (cand.get("content") or {}).get("parts", []):
+                    if "text" in part and not part.get("thought"):
+                        text.append(part["text"])
+                    elif "functionCall" in part:
+                        name = part["functionCall"]["name"]
+                        args = [json.dumps(part["functionCall"]["args"], ensure_ascii=False)]
+                if cand.get("finishReason"):
+                    complete = True
+            continue
         if api == OPENAI_CHAT:
             if ev.data == "[DONE]":
                 types.append("[DONE]")
@@ -1034,14 +1145,12 @@ class FakeUpstream:
             if not isinstance(payload, dict):
                 raise ValueError("request body is not a JSON object")
         except ValueError as e:
-            err = anthropic_error(400, f"invalid JSON body: {e}") if api == ANTHROPIC else openai_error(
-                400, f"invalid JSON body: {e}")
+            err = error_body(api, 400, f"invalid JSON body: {e}")
             return await self._send_json(writer, 400, err, knobs, close, api)
         if knobs.status and knobs.status >= 300:
-            msg = expected_error_message(payload)
-            err = anthropic_error(knobs.status, msg) if api == ANTHROPIC else openai_error(knobs.status, msg)
+            err = error_body(api, knobs.status, expected_error_message(payload))
             return await self._send_json(writer, knobs.status, err, knobs, close, api)
-        if payload.get("stream"):
+        if is_stream_request(api, req.route, payload):
             events = build_events(api, payload, req.index, knobs.delta_chars)
             return await self._send_sse(writer, api, payload, events, knobs, close)
         reply = build_reply(api, payload, req.index, knobs.delta_chars)
@@ -1156,8 +1265,9 @@ class FakeUpstream:
 
 
 __all__ = [
-    "ANTHROPIC", "OPENAI_CHAT", "RESPONSES", "ROUTES", "FakeUpstream", "Knobs", "RecordedRequest",
+    "ANTHROPIC", "GEMINI", "OPENAI_CHAT", "RESPONSES", "ROUTES", "FakeUpstream", "Knobs", "RecordedRequest",
     "ReplyParts", "SSEEvent", "SSEParser", "api_for_path", "build_events", "build_reply", "decode_body",
     "encode_body", "encode_sse", "expected_error_message", "expected_reply_text", "expected_tool_arguments",
-    "expected_tool_input", "parse_sse", "reassemble_stream", "reply_parts", "request_texts", "split_text",
+    "expected_tool_input", "gemini_path", "is_stream_request", "parse_sse", "reassemble_stream",
+    "reply_parts", "request_texts", "split_text",
 ]

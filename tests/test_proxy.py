@@ -18,10 +18,12 @@ import pytest
 from conftest import masker_options, proxied_client
 from fake_upstream import (
     ANTHROPIC,
+    GEMINI,
     OPENAI_CHAT,
     RESPONSES,
     FakeUpstream,
     expected_reply_text,
+    gemini_path,
     reply_parts,
     request_for,
 )
@@ -29,7 +31,9 @@ from tlsutil import make_test_ca
 
 pytestmark = pytest.mark.mitm
 
-PATHS = {ANTHROPIC: "/v1/messages", OPENAI_CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
+PATHS = {ANTHROPIC: "/v1/messages", OPENAI_CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses",
+         GEMINI: gemini_path()}
+STREAM_PATHS = {**PATHS, GEMINI: gemini_path(stream=True)}  # Gemini streams by route, the others by body
 ORIGINALS = [
     "123456789012",
     "i-0a1b2c3d4e5f60718",
@@ -69,7 +73,7 @@ def client(proxy):
 
 
 @pytest.mark.parametrize("tools", [False, True], ids=["text", "tools"])
-@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES])
+@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES, GEMINI])
 def test_non_streamed_round_trip_is_exact(client, fake_upstream, api, tools) -> None:
     req = make_request(api, tools=tools)
     r = client.post(fake_upstream.url_for(PATHS[api]), json=req)

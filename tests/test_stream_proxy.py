@@ -10,6 +10,7 @@ import pytest
 from conftest import masker_options, proxied_client
 from fake_upstream import (
     ANTHROPIC,
+    GEMINI,
     OPENAI_CHAT,
     RESPONSES,
     SSEParser,
@@ -18,7 +19,7 @@ from fake_upstream import (
     reassemble_stream,
     reply_parts,
 )
-from test_proxy import ORIGINALS, PATHS, assert_no_original, make_request
+from test_proxy import ORIGINALS, PATHS, STREAM_PATHS, assert_no_original, make_request
 
 pytestmark = pytest.mark.mitm
 
@@ -35,8 +36,9 @@ def client(proxy):
 
 
 def stream(client, upstream, api: str, req: dict, **headers: str):
-    req = {**req, "stream": True}
-    r = client.post(upstream.url_for(PATHS[api]), json=req, headers=headers)
+    if api != GEMINI:
+        req = {**req, "stream": True}
+    r = client.post(upstream.url_for(STREAM_PATHS[api]), json=req, headers=headers)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/event-stream")
     return req, r
@@ -44,7 +46,7 @@ def stream(client, upstream, api: str, req: dict, **headers: str):
 
 @pytest.mark.parametrize("delta", [1, 3, 16])
 @pytest.mark.parametrize("tools", [False, True], ids=["text", "tools"])
-@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES])
+@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES, GEMINI])
 def test_streamed_round_trip_is_exact(client, fake_upstream, api, tools, delta) -> None:
     req, r = stream(client, fake_upstream, api, make_request(api, tools=tools),
                     **{"x-fake-delta-chars": str(delta), "x-fake-chunk-bytes": "7"})

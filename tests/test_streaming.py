@@ -457,6 +457,52 @@ def responses_stream(size: int | list[int] = 5, c: Content = FULL, term: str = "
     return "".join(ev).encode()
 
 
+def gemini_stream(size: int | list[int] = 5, c: Content = FULL) -> bytes:
+    """Gemini ``streamGenerateContent?alt=sse``: thought chunks, text chunks, then the function call (sent
+    whole, as an object) with finishReason; CRLF line ends as Google sends them."""
+    base = {"modelVersion": "gemini-2.5-flash", "responseId": "mKzEaJ3lA8uPxN8P2vSbmQo"}
+    usage = {"promptTokenCount": 41, "candidatesTokenCount": 5, "totalTokenCount": 46}
+
+    def chunk(parts: list[dict[str, Any]], finish: str | None = None) -> str:
+        cand: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
+        if finish:
+            cand["finishReason"] = finish
+        return sse(None, {"candidates": [cand], "usageMetadata": usage, **base}).replace("\n", "\r\n")
+
+    ev = [chunk([{"text": p, "thought": True}]) for p in pieces(c.think, size)]
+    ev += [chunk([{"text": p}]) for p in pieces(c.text, size)]
+    call = {"functionCall": {"name": "describe_instances", "args": json.loads(c.tool)},
+            "thoughtSignature": "CiQBAWS_ACCOUNT_0001VKc0x=="}
+    ev.append(chunk([call], "STOP"))
+    return "".join(ev).encode()
+
+
+def check_gemini(out: bytes, src: bytes, c: Content = FULL) -> None:
+    events = valid_events(out)
+    think = text = ""
+    call: dict[str, Any] = {}
+    finishes = 0
+    for _, data in events:
+        d = json.loads(data)
+        assert d["modelVersion"] == "gemini-2.5-flash" and "usageMetadata" in d
+        for cand in d["candidates"]:
+            for part in cand["content"]["parts"]:
+                if "text" in part:
+                    if part.get("thought"):
+                        think += part["text"]
+                    else:
+                        text += part["text"]
+                else:
+                    call = part
+            finishes += "finishReason" in cand
+    assert think == c.orig_think
+    assert text == c.orig_text
+    assert call["functionCall"]["args"] == json.loads(c.orig_tool)
+    assert call["thoughtSignature"] == "CiQBAWS_ACCOUNT_0001VKc0x=="  # opaque, untouched
+    assert finishes == 1 and "finishReason" in events[-1][1]
+    assert b"\r\n\r\n" in out and b"\n\n" not in out.replace(b"\r\n", b"")
+
+
 # ----------------------------------------------------------------------------------- client-side parse
 
 
@@ -528,6 +574,9 @@ def client_text(provider: str, events: list[tuple[str, str]]) -> str:
     if provider == "chat":
         chunks = [json.loads(d) for _, d in events if d != "[DONE]"]
         return "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
+    if provider == "gemini":
+        return "".join(p["text"] for _, d in events for cand in json.loads(d)["candidates"]
+                       for p in cand["content"]["parts"] if "text" in p and not p.get("thought"))
     return "".join(json.loads(d)["delta"] for n, d in events if n == "response.output_text.delta")
 
 
@@ -631,6 +680,7 @@ PROVIDERS = {
     "anthropic": (anthropic_stream, check_anthropic),
     "chat": (chat_stream, check_chat),
     "responses": (responses_stream, check_responses),
+    "gemini": (gemini_stream, check_gemini),
 }
 
 
@@ -750,13 +800,11 @@ def test_plain_text_sse_data() -> None:
 
 
 def test_unknown_json_event_restored_in_place() -> None:
-    ev = {"candidates": [{"content": {"parts": [{"text": "acct AWS_ACCOUNT_0001 key " + NAMES["o8"]}]}}]}
+    ev = {"kind": "segment", "output": {"segments": [{"text": "acct AWS_ACCOUNT_0001 key " + NAMES["o8"]}]}}
     src = sse(None, ev).encode()
     out, _, _ = run(src, 3)
     got = json.loads(parse_sse(out)[0][1])
-    assert (
-        got["candidates"][0]["content"]["parts"][0]["text"] == "acct 123456789012 key " + ORIG_OF[NAMES["o8"]]
-    )
+    assert got["output"]["segments"][0]["text"] == "acct 123456789012 key " + ORIG_OF[NAMES["o8"]]
 
 
 # ------------------------------------------------------------------------------------ many identifiers

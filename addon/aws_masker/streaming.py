@@ -5,18 +5,20 @@ anywhere, returns a list holding at most one ``bytes`` (``[]`` while it holds by
 is called a last time with ``b""`` at the end of the stream, when it flushes everything it still holds.
 
 * ``text/event-stream``: events are parsed incrementally and placeholders are restored inside the fields
-  that carry model text (Anthropic Messages, OpenAI Chat Completions, OpenAI Responses); other events are
-  restored over their raw data text. Events that need no change pass through byte-identical; changed ones
-  are re-serialised with their other fields, line terminator style and order untouched.
+  that carry model text (Anthropic Messages, OpenAI Chat Completions and the APIs compatible with it,
+  OpenAI Responses, Google Gemini); other events are restored over their raw data text. Events that need
+  no change pass through byte-identical; changed ones are re-serialised with their other fields, line
+  terminator style and order untouched.
 * Other text / JSON bodies: restored over the raw byte stream (originals JSON-escaped for JSON bodies).
 * Unknown binary content types and unknown content encodings pass through untouched.
 
 Hold-back: a placeholder may be cut across two or more deltas. Each text channel (Anthropic content block,
-Chat Completions choice / tool call, Responses output item / content part) holds back only the tail that
-could still be the start of a placeholder of this flow's mapping (``placeholders.tail_to_hold``), so held
-text never exceeds the longest placeholder. A delta whose text is held entirely is not emitted; its text
-goes out at the front of the channel's next delta, or in a delta event synthesised just before the event
-that ends the channel (content_block_stop, finish_reason, ``[DONE]``, ``*.done``, end of stream).
+Chat Completions choice / tool call, Responses output item / content part, Gemini candidate text and
+thoughts) holds back only the tail that could still be the start of a placeholder of this flow's mapping
+(``placeholders.tail_to_hold``), so held text never exceeds the longest placeholder. A delta whose text is
+held entirely is not emitted (Gemini: it goes out with an empty text part); its text goes out at the front
+of the channel's next delta, or in a delta event synthesised just before the event that ends the channel
+(content_block_stop, finish_reason / finishReason, ``[DONE]``, ``*.done``, end of stream).
 
 The callable never raises: an internal error is logged once, counted in ``errors``, and from then on the
 bytes pass through unrestored (a placeholder reaching the user is not a leak).
@@ -74,7 +76,7 @@ _RS_DELTAS = {
 }
 _RS_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DOC_KEYS = frozenset({"arguments", "partial_json"})
-_OPAQUE_KEYS = frozenset({"signature", "encrypted_content"})
+_OPAQUE_KEYS = frozenset({"signature", "encrypted_content", "thoughtSignature", "thought_signature"})
 _MISS = object()
 
 Key = tuple[Any, ...]
@@ -242,6 +244,10 @@ class _Prefixes:
 
 def _chat_match(ci: Any, present: set[Key]) -> Callable[[Key], bool]:
     return lambda k: k[0] == "cc" and k[1] == ci and k not in present
+
+
+def _gemini_match(ci: Any, present: set[Key]) -> Callable[[Key], bool]:
+    return lambda k: k[0] == "gm" and k[1] == ci and k not in present
 
 
 class _Chan:
@@ -590,6 +596,8 @@ class StreamRestorer:
             self._responses_event(ev, obj, t)
         elif isinstance(obj.get("choices"), list):
             self._chat_chunk(ev, obj)
+        elif isinstance(obj.get("candidates"), list):
+            self._gemini_chunk(ev, obj)
         elif t in ("content_block_stop", "content_block_start"):
             self._flush(lambda k: k[0] == "an" and k[1] == obj.get("index"), out)
             self._generic(ev)
@@ -634,6 +642,11 @@ class StreamRestorer:
             new["delta"] = text
             if "logprobs" in new:
                 new["logprobs"] = []
+        elif info[0] == "gm":
+            _, ci, thought = info
+            part: dict[str, Any] = {"text": text, "thought": True} if thought else {"text": text}
+            new = {k: v for k, v in obj.items() if k != "candidates"}
+            new["candidates"] = [{"content": {"parts": [part], "role": "model"}, "index": ci}]
         else:  # plain text data
             return tmpl.build(text.encode("utf-8", "surrogateescape"))
         return tmpl.build(_dumps(new))
@@ -757,6 +770,40 @@ class StreamRestorer:
         for key, kind, tail, info in commits:
             self._commit(key, kind, tail, ev, obj, info)
         self._out.extend(out)
+
+    def _gemini_chunk(self, ev: _Event, obj: dict[str, Any]) -> None:
+        """Gemini (``streamGenerateContent?alt=sse``): one text channel per candidate (and one for its
+        thoughts); other parts (function calls) arrive whole and are restored where they are."""
+        commits: list[tuple[Key, str, Any]] = []
+        changed_any = False
+        for cand in obj["candidates"]:
+            if not isinstance(cand, dict):
+                continue
+            ci = cand.get("index", 0)
+            fin = cand.get("finishReason") is not None
+            content = cand.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            present: set[Key] = set()
+            for part in parts if isinstance(parts, list) else ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    thought = bool(part.get("thought"))
+                    key: Key = ("gm", ci, thought)
+                    present.add(key)
+                    head, tail, changed = self._step(key, TEXT, part["text"], fin)
+                    if changed:
+                        part["text"] = head  # held entirely: an empty text part, its text goes out later
+                        changed_any = True
+                    commits.append((key, tail, ("gm", ci, thought)))
+                elif isinstance(part, dict) and b"AWS_" in (ev.data or b""):
+                    n = self._walk(part)
+                    if n:
+                        self.restored += n
+                        changed_any = True
+            if fin:  # held text of this candidate's other channel goes out before this chunk
+                self._flush(_gemini_match(ci, present), self._out)
+        self._out.append(ev.build(_dumps(obj)) if changed_any else ev.raw)
+        for key, tail, info in commits:
+            self._commit(key, TEXT, tail, ev, obj, info)
 
     def _text_event(self, ev: _Event) -> None:
         """Data that is not JSON: one plain-text channel per event type, restored with hold-back."""
