@@ -6,6 +6,7 @@ background thread) on ``127.0.0.1:<free port>``.  It records every request and a
 * ``POST /v1/messages``          Anthropic Messages (JSON or SSE when ``"stream": true``)
 * ``POST /v1/chat/completions``  OpenAI Chat Completions (JSON or ``chat.completion.chunk`` SSE)
 * ``POST /v1/responses``         OpenAI Responses API (JSON or ``response.*`` SSE events)
+* ``POST /v2/chat``               Cohere v2 chat (JSON or ``content-delta`` … SSE events)
 * ``POST /v1beta/models/<model>:generateContent`` and ``:streamGenerateContent?alt=sse``
                                  Google Gemini (JSON, or SSE of ``GenerateContentResponse`` chunks)
 * anything else                  echoes the raw request body byte-for-byte (same content-type)
@@ -68,11 +69,13 @@ ANTHROPIC = "anthropic"
 OPENAI_CHAT = "openai-chat"
 RESPONSES = "responses"
 GEMINI = "gemini"
+COHERE = "cohere"
 
 ROUTES = {
     "/v1/messages": ANTHROPIC,
     "/v1/chat/completions": OPENAI_CHAT,
     "/v1/responses": RESPONSES,
+    "/v2/chat": COHERE,
 }
 
 DEFAULT_MODEL = "fake-echo-1"
@@ -93,7 +96,7 @@ _GEMINI_ROUTE = re.compile(r"^/v1(?:beta)?/models/[^/:]+:(generateContent|stream
 
 
 def api_for_path(path: str) -> str | None:
-    """Return ANTHROPIC / OPENAI_CHAT / RESPONSES / GEMINI for an LLM route, None for echo paths."""
+    """Return ANTHROPIC / OPENAI_CHAT / RESPONSES / GEMINI / COHERE for an LLM route, None for echo paths."""
     route = path.split("?", 1)[0].rstrip("/") or "/"
     return GEMINI if _GEMINI_ROUTE.match(route) else ROUTES.get(route)
 
@@ -606,6 +609,8 @@ def error_body(api: str, status: int, message: str) -> dict[str, Any]:
     """The error body of ``api`` for ``status``."""
     if api == ANTHROPIC:
         return anthropic_error(status, message)
+    if api == COHERE:
+        return {"id": "err_fake", "message": message}
     return gemini_error(status, message) if api == GEMINI else openai_error(status, message)
 
 
@@ -645,6 +650,48 @@ def gemini_events(c: _Ctx) -> list[SSE]:
     return ev
 
 
+def _cohere_usage(c: _Ctx) -> dict[str, Any]:
+    out = _tokens(c.text + c.args)
+    return {"billed_units": {"input_tokens": c.in_tokens, "output_tokens": out},
+            "tokens": {"input_tokens": c.in_tokens, "output_tokens": out}}
+
+
+def cohere_response(c: _Ctx) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": [{"type": "text", "text": c.text}]}
+    if c.tools:
+        message["tool_calls"] = [{"id": c.id("call_fake"), "type": "function",
+                                  "function": {"name": tool_name(c.req), "arguments": c.args}}]
+    return {"id": c.id("co_fake"), "finish_reason": "TOOL_CALL" if c.tools else "COMPLETE",
+            "message": message, "usage": _cohere_usage(c)}
+
+
+def cohere_events(c: _Ctx) -> list[SSE]:
+    full = cohere_response(c)
+
+    def ev(data: dict[str, Any]) -> SSE:
+        return (data["type"], data)
+
+    out = [ev({"id": full["id"], "type": "message-start", "delta": {"message": {
+        "role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}}})]
+    out.append(ev({"type": "content-start", "index": 0,
+                   "delta": {"message": {"content": {"type": "text", "text": ""}}}}))
+    out += [ev({"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": p}}}})
+            for p in split_text(c.text, c.delta_chars)]
+    out.append(ev({"type": "content-end", "index": 0}))
+    if c.tools:
+        call = full["message"]["tool_calls"][0]
+        out.append(ev({"type": "tool-call-start", "index": 0, "delta": {"message": {"tool_calls": {
+            "id": call["id"], "type": "function", "function": {"name": call["function"]["name"],
+                                                               "arguments": ""}}}}}))
+        out += [ev({"type": "tool-call-delta", "index": 0,
+                    "delta": {"message": {"tool_calls": {"function": {"arguments": p}}}}})
+                for p in split_text(c.args, c.delta_chars)]
+        out.append(ev({"type": "tool-call-end", "index": 0}))
+    out.append(ev({"type": "message-end", "delta": {"finish_reason": full["finish_reason"],
+                                                    "usage": full["usage"]}}))
+    return out
+
+
 def stream_error_event(api: str, message: str, seq: int) -> SSE:
     if api == ANTHROPIC:
         return ("error", {"type": "error", "error": {"type": "overloaded_error", "message": message}})
@@ -652,6 +699,8 @@ def stream_error_event(api: str, message: str, seq: int) -> SSE:
         return (None, openai_error(500, message))
     if api == GEMINI:
         return (None, gemini_error(500, message))
+    if api == COHERE:
+        return ("error", {"type": "error", "message": message})
     return ("error", {"type": "error", "code": "server_error", "message": message, "param": None,
                       "sequence_number": seq})
 
@@ -665,9 +714,9 @@ def request_for(api: str, text: str, *, system: str = "", tools: bool = False,
                "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
         if tools:
             req["tools"] = [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}]
-    elif api == OPENAI_CHAT:
-        req = {"model": "gpt-test", "messages": [{"role": "system", "content": system},
-                                                 {"role": "user", "content": text}]}
+    elif api in (OPENAI_CHAT, COHERE):  # Cohere v2 chat takes the same messages and tools
+        req = {"model": "gpt-test" if api == OPENAI_CHAT else "command-test",
+               "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
         if tools:
             req["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     elif api == RESPONSES:
@@ -693,14 +742,14 @@ def build_reply(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16
     """Non-streamed reply object the fake sends for ``req``."""
     c = _Ctx(req, n, delta_chars)
     return {ANTHROPIC: anthropic_message, OPENAI_CHAT: chat_completion, RESPONSES: responses_object,
-            GEMINI: gemini_response}[api](c)
+            GEMINI: gemini_response, COHERE: cohere_response}[api](c)
 
 
 def build_events(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16) -> list[SSE]:
     """SSE events (event name, data) the fake streams for ``req``."""
     c = _Ctx(req, n, delta_chars)
     return {ANTHROPIC: anthropic_events, OPENAI_CHAT: chat_events, RESPONSES: responses_events,
-            GEMINI: gemini_events}[api](c)
+            GEMINI: gemini_events, COHERE: cohere_events}[api](c)
 
 
 def encode_sse(event: str | None, data: Any) -> bytes:
@@ -803,6 +852,13 @@ def reply_parts(api: str, obj: dict[str, Any]) -> ReplyParts:
             return ReplyParts(msg.get("content") or "", calls[0]["function"]["arguments"],
                               calls[0]["function"]["name"])
         return ReplyParts(msg.get("content") or "")
+    if api == COHERE:
+        msg = obj["message"]
+        text = "".join(b["text"] for b in msg["content"] if b["type"] == "text")
+        calls = msg.get("tool_calls") or []
+        if calls:
+            return ReplyParts(text, calls[0]["function"]["arguments"], calls[0]["function"]["name"])
+        return ReplyParts(text)
     if api == GEMINI:
         parts = obj["candidates"][0]["content"]["parts"]
         text = "".join(p["text"] for p in parts if "text" in p and not p.get("thought"))
@@ -848,6 +904,25 @@ def reassemble_stream(api: str, events: Iterable[SSEEvent], *, check: bool = Tru
                         args = [json.dumps(part["functionCall"]["args"], ensure_ascii=False)]
                 if cand.get("finishReason"):
                     complete = True
+            continue
+        if api == COHERE:
+            d = ev.json()
+            kind = d["type"]
+            types.append(kind)
+            if check:
+                assert ev.event == kind, f"event name {ev.event!r} != data type {kind!r}"
+            msg = (d.get("delta") or {}).get("message") or {}
+            if kind == "content-delta":
+                text.append(msg["content"]["text"])
+            elif kind == "tool-call-start":
+                name = msg["tool_calls"]["function"]["name"]
+                args = []
+            elif kind == "tool-call-delta":
+                args = (args or []) + [msg["tool_calls"]["function"]["arguments"]]
+            elif kind == "message-end":
+                complete = True
+            elif kind == "error":
+                error = d
             continue
         if api == OPENAI_CHAT:
             if ev.data == "[DONE]":
@@ -1265,9 +1340,9 @@ class FakeUpstream:
 
 
 __all__ = [
-    "ANTHROPIC", "GEMINI", "OPENAI_CHAT", "RESPONSES", "ROUTES", "FakeUpstream", "Knobs", "RecordedRequest",
-    "ReplyParts", "SSEEvent", "SSEParser", "api_for_path", "build_events", "build_reply", "decode_body",
-    "encode_body", "encode_sse", "expected_error_message", "expected_reply_text", "expected_tool_arguments",
-    "expected_tool_input", "gemini_path", "is_stream_request", "parse_sse", "reassemble_stream",
-    "reply_parts", "request_texts", "split_text",
+    "ANTHROPIC", "COHERE", "GEMINI", "OPENAI_CHAT", "RESPONSES", "ROUTES", "FakeUpstream", "Knobs",
+    "RecordedRequest", "ReplyParts", "SSEEvent", "SSEParser", "api_for_path", "build_events", "build_reply",
+    "decode_body", "encode_body", "encode_sse", "expected_error_message", "expected_reply_text",
+    "expected_tool_arguments", "expected_tool_input", "gemini_path", "is_stream_request", "parse_sse",
+    "reassemble_stream", "reply_parts", "request_texts", "split_text",
 ]

@@ -18,6 +18,7 @@ import pytest
 from conftest import masker_options, proxied_client
 from fake_upstream import (
     ANTHROPIC,
+    COHERE,
     GEMINI,
     OPENAI_CHAT,
     RESPONSES,
@@ -32,7 +33,7 @@ from tlsutil import make_test_ca
 pytestmark = pytest.mark.mitm
 
 PATHS = {ANTHROPIC: "/v1/messages", OPENAI_CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses",
-         GEMINI: gemini_path()}
+         GEMINI: gemini_path(), COHERE: "/v2/chat"}
 STREAM_PATHS = {**PATHS, GEMINI: gemini_path(stream=True)}  # Gemini streams by route, the others by body
 ORIGINALS = [
     "123456789012",
@@ -73,7 +74,7 @@ def client(proxy):
 
 
 @pytest.mark.parametrize("tools", [False, True], ids=["text", "tools"])
-@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES, GEMINI])
+@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES, GEMINI, COHERE])
 def test_non_streamed_round_trip_is_exact(client, fake_upstream, api, tools) -> None:
     req = make_request(api, tools=tools)
     r = client.post(fake_upstream.url_for(PATHS[api]), json=req)

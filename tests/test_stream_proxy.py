@@ -10,6 +10,7 @@ import pytest
 from conftest import masker_options, proxied_client
 from fake_upstream import (
     ANTHROPIC,
+    COHERE,
     GEMINI,
     OPENAI_CHAT,
     RESPONSES,
@@ -46,7 +47,7 @@ def stream(client, upstream, api: str, req: dict, **headers: str):
 
 @pytest.mark.parametrize("delta", [1, 3, 16])
 @pytest.mark.parametrize("tools", [False, True], ids=["text", "tools"])
-@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES, GEMINI])
+@pytest.mark.parametrize("api", [ANTHROPIC, OPENAI_CHAT, RESPONSES, GEMINI, COHERE])
 def test_streamed_round_trip_is_exact(client, fake_upstream, api, tools, delta) -> None:
     req, r = stream(client, fake_upstream, api, make_request(api, tools=tools),
                     **{"x-fake-delta-chars": str(delta), "x-fake-chunk-bytes": "7"})

@@ -503,6 +503,60 @@ def check_gemini(out: bytes, src: bytes, c: Content = FULL) -> None:
     assert b"\r\n\r\n" in out and b"\n\n" not in out.replace(b"\r\n", b"")
 
 
+def cohere_stream(size: int | list[int] = 5, c: Content = FULL) -> bytes:
+    """Cohere v2 chat (``POST /v2/chat``, ``"stream": true``): a tool plan, a tool call whose arguments are
+    streamed, then the text; every event named after its type."""
+    def ev(data: dict[str, Any]) -> str:
+        return sse(data["type"], data)
+
+    out = [ev({"id": "c0a8e2f4-5d0b-4c1e-9f0e-5b2c8e1d7a11", "type": "message-start", "delta": {"message": {
+        "role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}}})]
+    out += [ev({"type": "tool-plan-delta", "delta": {"message": {"tool_plan": p}}})
+            for p in pieces(c.think, size)]
+    out.append(ev({"type": "tool-call-start", "index": 0, "delta": {"message": {"tool_calls": {
+        "id": "describe_instances_q8h4x2k9v7ab", "type": "function",
+        "function": {"name": "describe_instances", "arguments": ""}}}}}))
+    out += [ev({"type": "tool-call-delta", "index": 0,
+                "delta": {"message": {"tool_calls": {"function": {"arguments": p}}}}})
+            for p in pieces(c.tool, size)]
+    out.append(ev({"type": "tool-call-end", "index": 0}))
+    out.append(ev({"type": "content-start", "index": 0,
+                   "delta": {"message": {"content": {"type": "text", "text": ""}}}}))
+    out += [ev({"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": p}}},
+                "logprobs": None}) for p in pieces(c.text, size)]
+    out.append(ev({"type": "content-end", "index": 0}))
+    out.append(ev({"type": "message-end", "delta": {"finish_reason": "COMPLETE", "usage": {
+        "billed_units": {"input_tokens": 31, "output_tokens": 58}, "tokens": {"input_tokens": 1002,
+                                                                              "output_tokens": 58}}}}))
+    return "".join(out).encode()
+
+
+def check_cohere(out: bytes, src: bytes, c: Content = FULL) -> None:
+    events = valid_events(out)
+    plan = args = text = ""
+    for name, data in events:
+        d = json.loads(data)
+        assert name == d["type"]
+        msg = d.get("delta", {}).get("message", {})
+        if name == "tool-plan-delta":
+            assert msg["tool_plan"], "empty delta emitted"
+            plan += msg["tool_plan"]
+        elif name == "tool-call-delta":
+            assert msg["tool_calls"]["function"]["arguments"], "empty delta emitted"
+            args += msg["tool_calls"]["function"]["arguments"]
+        elif name == "content-delta":
+            assert msg["content"]["text"], "empty delta emitted"
+            text += msg["content"]["text"]
+    assert plan == c.orig_think and args == c.orig_tool and text == c.orig_text
+    # everything but the deltas: same events in the same order, and each delta kind stays in its place
+    assert [n for n, _ in events if not n.endswith("-delta")] == [n for n, _ in parse_sse(src)
+                                                                   if not n.endswith("-delta")]
+    names = [n for n, _ in events]
+    assert max(i for i, n in enumerate(names) if n == "tool-plan-delta") < names.index("tool-call-start")
+    assert max(i for i, n in enumerate(names) if n == "tool-call-delta") < names.index("tool-call-end")
+    assert max(i for i, n in enumerate(names) if n == "content-delta") < names.index("content-end")
+
+
 # ----------------------------------------------------------------------------------- client-side parse
 
 
@@ -681,6 +735,7 @@ PROVIDERS = {
     "chat": (chat_stream, check_chat),
     "responses": (responses_stream, check_responses),
     "gemini": (gemini_stream, check_gemini),
+    "cohere": (cohere_stream, check_cohere),
 }
 
 

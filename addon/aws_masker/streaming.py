@@ -6,19 +6,20 @@ is called a last time with ``b""`` at the end of the stream, when it flushes eve
 
 * ``text/event-stream``: events are parsed incrementally and placeholders are restored inside the fields
   that carry model text (Anthropic Messages, OpenAI Chat Completions and the APIs compatible with it,
-  OpenAI Responses, Google Gemini); other events are restored over their raw data text. Events that need
-  no change pass through byte-identical; changed ones are re-serialised with their other fields, line
-  terminator style and order untouched.
+  OpenAI Responses, Google Gemini, Cohere v2 chat); other events are restored over their raw data text.
+  Events that need no change pass through byte-identical; changed ones are re-serialised with their other
+  fields, line terminator style and order untouched.
 * Other text / JSON bodies: restored over the raw byte stream (originals JSON-escaped for JSON bodies).
 * Unknown binary content types and unknown content encodings pass through untouched.
 
 Hold-back: a placeholder may be cut across two or more deltas. Each text channel (Anthropic content block,
 Chat Completions choice / tool call, Responses output item / content part, Gemini candidate text and
-thoughts) holds back only the tail that could still be the start of a placeholder of this flow's mapping
-(``placeholders.tail_to_hold``), so held text never exceeds the longest placeholder. A delta whose text is
-held entirely is not emitted (Gemini: it goes out with an empty text part); its text goes out at the front
-of the channel's next delta, or in a delta event synthesised just before the event that ends the channel
-(content_block_stop, finish_reason / finishReason, ``[DONE]``, ``*.done``, end of stream).
+thoughts, Cohere content / tool plan / tool call) holds back only the tail that could still be the start of
+a placeholder of this flow's mapping (``placeholders.tail_to_hold``), so held text never exceeds the
+longest placeholder. A delta whose text is held entirely is not emitted (Gemini: it goes out with an empty
+text part); its text goes out at the front of the channel's next delta, or in a delta event synthesised
+just before the event that ends the channel (content_block_stop, finish_reason / finishReason,
+content-end, ``[DONE]``, ``*.done``, end of stream).
 
 The callable never raises: an internal error is logged once, counted in ``errors``, and from then on the
 bytes pass through unrestored (a placeholder reaching the user is not a leak).
@@ -75,6 +76,13 @@ _RS_DELTAS = {
     "response.code_interpreter_call_code.delta": (None, TEXT),
 }
 _RS_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Cohere v2 chat delta events: type -> (path of the text under "delta", kind).
+_CO_DELTAS = {
+    "content-delta": (("message", "content", "text"), TEXT),
+    "tool-plan-delta": (("message", "tool_plan"), TEXT),
+    "tool-call-delta": (("message", "tool_calls", "function", "arguments"), DOC),
+}
+_CO_ENDS = {"content-end": "content-delta", "tool-call-end": "tool-call-delta"}
 _DOC_KEYS = frozenset({"arguments", "partial_json"})
 _OPAQUE_KEYS = frozenset({"signature", "encrypted_content", "thoughtSignature", "thought_signature"})
 _MISS = object()
@@ -598,6 +606,17 @@ class StreamRestorer:
             self._chat_chunk(ev, obj)
         elif isinstance(obj.get("candidates"), list):
             self._gemini_chunk(ev, obj)
+        elif t in _CO_DELTAS:
+            self._cohere_delta(ev, obj, t)
+        elif t in ("tool-call-start", "content-start"):  # the tool plan is over
+            self._flush(lambda k: k[0] == "co" and k[1] == "tool-plan-delta", out)
+            self._generic(ev)
+        elif t in _CO_ENDS:
+            self._flush(lambda k: k[0] == "co" and k[1] == _CO_ENDS[t] and k[2] == obj.get("index"), out)
+            self._generic(ev)
+        elif t == "message-end":
+            self._flush(None, out)
+            self._generic(ev)
         elif t in ("content_block_stop", "content_block_start"):
             self._flush(lambda k: k[0] == "an" and k[1] == obj.get("index"), out)
             self._generic(ev)
@@ -642,6 +661,14 @@ class StreamRestorer:
             new["delta"] = text
             if "logprobs" in new:
                 new["logprobs"] = []
+        elif info[0] == "co":
+            new = dict(obj)
+            node = new["delta"] = dict(obj["delta"])
+            path = info[1]
+            for name in path[:-1]:
+                node[name] = dict(node[name])
+                node = node[name]
+            node[path[-1]] = text
         elif info[0] == "gm":
             _, ci, thought = info
             part: dict[str, Any] = {"text": text, "thought": True} if thought else {"text": text}
@@ -770,6 +797,25 @@ class StreamRestorer:
         for key, kind, tail, info in commits:
             self._commit(key, kind, tail, ev, obj, info)
         self._out.extend(out)
+
+    def _cohere_delta(self, ev: _Event, obj: dict[str, Any], t: str) -> None:
+        """Cohere v2 chat: content, tool plan and tool-call argument deltas; a channel per type and index."""
+        path, kind = _CO_DELTAS[t]
+        parent: Any = obj.get("delta")
+        for name in path[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or not isinstance(parent.get(path[-1]), str):
+            self._generic(ev)
+            return
+        key: Key = ("co", t, obj.get("index"))
+        head, tail, changed = self._step(key, kind, parent[path[-1]], False)
+        if not changed:
+            self._out.append(ev.raw)
+        elif head:
+            parent[path[-1]] = head
+            self._out.append(ev.build(_dumps(obj)))
+        # else: held entirely -> not emitted; its text leaves with the next delta or a flush
+        self._commit(key, kind, tail, ev, obj, ("co", path))
 
     def _gemini_chunk(self, ev: _Event, obj: dict[str, Any]) -> None:
         """Gemini (``streamGenerateContent?alt=sse``): one text channel per candidate (and one for its
