@@ -158,6 +158,46 @@ def test_form_values_are_recognised_by_their_key() -> None:
     assert restored == parse_qsl(body.decode())
 
 
+def test_identifiers_after_escaped_newlines_in_json_lines_are_masked() -> None:
+    # A JSON Lines body (OpenAI batch input) is not one JSON document: it is masked as text, where "\n" is a
+    # backslash and the letter n, right before the identifier.
+    texts = ["Instances:\ni-0123456789abcdef0\tsg-0123456789abcdef0\r\nAccount\n123456789012",
+             "C:\\nat-0123456789abcdef0"]
+    body = b"".join(json.dumps({"custom_id": f"r{i}", "body": {"messages": [{"role": "user", "content": t}]}})
+                    .encode() + b"\n" for i, t in enumerate(texts))
+    out, mapping = mask(body, "application/jsonl")
+    for original in (b"i-0123456789abcdef0", b"sg-0123456789abcdef0", b"123456789012",
+                     b"nat-0123456789abcdef0"):
+        assert original not in out, original
+    first = json.loads(out.splitlines()[0])
+    assert first["body"]["messages"][0]["content"].startswith("Instances:\nAWS_EC2_INSTANCE_")
+    assert restore_bytes(out, mapping)[0] == body
+
+
+def test_identifiers_in_json_encoded_tool_results_are_masked() -> None:
+    # Tool results and arguments are often JSON text inside a JSON string: escapes twice over.
+    result = json.dumps({"Reservations": "InstanceId\ni-0123456789abcdef0\n\tPrivateIp\t10.1.2.3"})
+    arguments = json.dumps({"cmd": "describe\nvpc-0123456789abcdef0"})
+    doc = {"messages": [{"role": "tool", "tool_call_id": "c1", "content": result},
+                        {"role": "assistant", "tool_calls": [{"id": "c2", "type": "function", "function": {
+                            "name": "aws", "arguments": arguments}}]}]}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    for original in (b"i-0123456789abcdef0", b"10.1.2.3", b"vpc-0123456789abcdef0"):
+        assert original not in out, original
+    restored, _ = restore_bytes(out, mapping, in_json=True)
+    assert json.loads(restored) == doc
+
+
+def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    scanner = Scanner(RULES)
+    real = scanner.remembered
+    monkeypatch.setattr(scanner, "remembered", lambda data: calls.append(data) or real(data))
+    BodyMasker(scanner).plan(b"plain text i-0123456789abcdef0 with a path C:\\dir", "text/plain")
+    assert len(calls) == 1
+
+
 def test_malformed_json_is_masked_as_text() -> None:
     body = b'{"messages": [ "i-0123abcd" ,, }'
     out, mapping = mask(body, "application/json")

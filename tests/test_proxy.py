@@ -180,6 +180,9 @@ def test_gzip_request_body_is_decoded_masked_and_reencoded(client, fake_upstream
     ("form", ("q=" + TEXT).encode().replace(b" ", b"+"), "application/x-www-form-urlencoded"),
     ("deep-json", b'{"a":' * 5000 + json.dumps(TEXT).encode() + b"}" * 5000, "application/json"),
     ("no-content-type", TEXT.encode(), ""),
+    # JSON Lines (a batch file): masked as text, every identifier right after an escaped newline
+    ("json-lines", b"\n".join(json.dumps({"custom_id": str(i), "content": TEXT.replace(" ", "\n")}).encode()
+                              for i in range(2)) + b"\n", "application/jsonl"),
 ])
 def test_awkward_bodies_leak_nothing_and_proxy_survives(client, fake_upstream, name, body, ctype) -> None:
     headers = {"content-type": ctype} if ctype else {}

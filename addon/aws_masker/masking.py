@@ -15,11 +15,18 @@ after a label naming it. In structured JSON (a tool call's input object, say) th
 not part of the string, so short values are scanned after their key, written the way it
 would appear in text (``"SecretAccessKey": "`` for a value, ``"AWS": ["`` for a list element, ``key=`` in a
 form); only hits inside the value count.
+
+Text that is itself JSON (a JSON Lines body, a tool result or arguments JSON-encoded into a string, a body
+that is not valid JSON) holds escapes: in ``"Instances:\\ni-0abc…"`` the identifier follows the letter
+``n`` of ``\\n``, so no word boundary precedes it. Text with such escapes of control characters
+(``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) is scanned a second time with each read as the
+separator it stands for, and the hits of both scans are merged.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +85,7 @@ class MaskPlan:
         return self._assemble(rendered), mapping
 
 
+_ESCAPED_CONTROL = re.compile(rb"\\[ntrbf]")  # \n, \t, ... as JSON (and C, and Python) write them
 CONTEXT_VALUE_MAX = 1024  # string values up to this long are scanned after their key
 CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
 CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
@@ -97,6 +105,20 @@ class BodyMasker:
         context = contexts[key] = _key_context(key, b'": "')
         return context
 
+    def _scan_text(self, data: bytes) -> tuple[list[Hit], list[Key]]:
+        """``scan_keys(data)``, plus what escapes of control characters hide (see the module docstring)."""
+        hits, keys = self.scanner.scan_keys(data)
+        return self._with_escapes(data, hits, keys)
+
+    def _with_escapes(self, data: bytes, hits: list[Hit], keys: list[Key]) -> tuple[list[Hit], list[Key]]:
+        if 0x5C not in data or not _ESCAPED_CONTROL.search(data):  # 0x5C: "\\" (an int: fast)
+            return hits, keys
+        # Same length: "\\n" becomes "\\ ", so every offset holds; the originals are taken from data.
+        alt_hits = self.scanner.remembered(_ESCAPED_CONTROL.sub(rb"\\ ", data))[0]
+        if alt_hits == hits:
+            return hits, keys
+        return _merge(list(zip(hits, keys, strict=True)) + [(h, (h[2], data[h[0]:h[1]])) for h in alt_hits])
+
     def _scan_value(self, value: bytes, context: bytes) -> tuple[list[Hit], list[Key]]:
         """Hits in ``value`` (a JSON string or form value), those that need ``context`` — the value's key as
         it would appear in text — before them to be recognised included.
@@ -105,9 +127,10 @@ class BodyMasker:
         so it only adds what a label makes recognisable); only a rule whose match would run from the context
         into the value makes it scanned alone too, and the two results merged."""
         if not context or len(value) > CONTEXT_VALUE_MAX:
-            return self.scanner.scan_keys(value)
+            return self._scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
-        return self._in_value(value, len(context), chits, ckeys)
+        hits, keys = self._in_value(value, len(context), chits, ckeys)
+        return self._with_escapes(value, hits, keys) if 0x5C in value else (hits, keys)
 
     def _in_value(self, value: bytes, n: int, chits: list[Hit],
                   ckeys: list[Key]) -> tuple[list[Hit], list[Key]]:
@@ -122,16 +145,7 @@ class BodyMasker:
         inside = [(Hit(h[0] - n, h[1] - n, h[2], h[3]), k) for h, k in zip(chits, ckeys, strict=True)
                   if h[0] >= n]
         hits, keys = self.scanner.scan_keys(value)
-        merged = sorted([*inside, *zip(hits, keys, strict=True)], key=lambda hk: (hk[0][0], -hk[0][1]))
-        out_hits: list[Hit] = []
-        out_keys: list[Key] = []
-        pos = 0
-        for h, k in merged:
-            if h[0] >= pos:
-                out_hits.append(h)
-                out_keys.append(k)
-                pos = h[1]
-        return out_hits, out_keys
+        return _merge([*inside, *zip(hits, keys, strict=True)])
 
     def plan(self, content: bytes, content_type: str = "") -> MaskPlan:
         if not content:
@@ -162,8 +176,8 @@ class BodyMasker:
         return plan
 
     def _plan_text(self, content: bytes) -> MaskPlan:
-        plan = MaskPlan("text", [Segment(content, self.scanner.scan(content))],
-                        _assemble=lambda parts: parts[0])
+        hits, keys = self._scan_text(content)
+        plan = MaskPlan("text", [Segment(content, hits, keys)], _assemble=lambda parts: parts[0])
         return self._finish(plan)
 
     def _plan_json(self, content: bytes) -> MaskPlan | None:
@@ -172,7 +186,6 @@ class BodyMasker:
         except (ValueError, RecursionError):
             return None
         scan = self._scan_value
-        scan_keys = self.scanner.scan_keys
         remembered = self.scanner.remembered
         in_value = self._in_value
         value_context = self._value_context
@@ -192,8 +205,11 @@ class BodyMasker:
                 for k, v in node.items():
                     if isinstance(v, str):
                         b = v.encode("utf-8", "surrogatepass")
-                        if len(b) > CONTEXT_VALUE_MAX:
-                            hits, keys = scan_keys(b)
+                        if len(b) > CONTEXT_VALUE_MAX or 0x5C in b:  # a backslash: maybe escapes
+                            context = value_context.get(k)
+                            if context is None:
+                                context = self._context_for(k)
+                            hits, keys = scan(b, context)
                         else:  # scanned after its key (inline: most values are short and hold nothing)
                             context = value_context.get(k)
                             if context is None:
@@ -216,7 +232,13 @@ class BodyMasker:
                 for i, v in enumerate(node):
                     if isinstance(v, str):
                         b = v.encode("utf-8", "surrogatepass")
-                        hits, keys = scan(b, context)
+                        if not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b:
+                            hits, keys = scan(b, context)
+                        else:  # inline, as for object values
+                            chits, ckeys = remembered(context + b)
+                            if not chits:
+                                continue
+                            hits, keys = in_value(b, len(context), chits, ckeys)
                         if hits:
                             segments.append(Segment(b, hits, keys))
                             slots.append((node, i))
@@ -250,6 +272,21 @@ class BodyMasker:
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
         return self._finish(MaskPlan("form", segments, _assemble=assemble))
+
+
+def _merge(found: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
+    """Hits of several scans of one text as one list: leftmost first, the longest at one start (the first
+    listed on a tie), no overlaps."""
+    found.sort(key=lambda hk: (hk[0][0], -hk[0][1]))
+    hits: list[Hit] = []
+    keys: list[Key] = []
+    pos = 0
+    for h, k in found:
+        if h[0] >= pos:
+            hits.append(h)
+            keys.append(k)
+            pos = h[1]
+    return hits, keys
 
 
 def _key_context(key: str, tail: bytes) -> bytes:
