@@ -189,6 +189,17 @@ def test_identifiers_in_json_encoded_tool_results_are_masked() -> None:
     assert json.loads(restored) == doc
 
 
+def test_identifiers_after_escaped_non_ascii_quotes_are_masked() -> None:
+    # json.dumps escapes every non-ASCII character by default: the curly quote is "\u201c", its last hex
+    # digit a word character right before the ID.
+    result = json.dumps({"result": "Instance \u201ci-0123456789abcdef0\u201d at \u00ab10.1.2.3\u00bb"})
+    assert "\\u201ci-0123456789abcdef0" in result
+    body = json.dumps({"messages": [{"role": "tool", "content": result}]}).encode()
+    out, mapping = mask(body, "application/json")
+    assert b"i-0123456789abcdef0" not in out and b"10.1.2.3" not in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
+
+
 def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     scanner = Scanner(RULES)

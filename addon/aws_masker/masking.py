@@ -18,8 +18,9 @@ form); only hits inside the value count.
 
 Text that is itself JSON (a JSON Lines body, a tool result or arguments JSON-encoded into a string, a body
 that is not valid JSON) holds escapes: in ``"Instances:\\ni-0abc…"`` the identifier follows the letter
-``n`` of ``\\n``, so no word boundary precedes it. Text with such escapes of control characters
-(``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) is scanned a second time with each read as the
+``n`` of ``\\n``, so no word boundary precedes it. Text with escapes that stand for separators — of control
+characters (``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) and ``\\uXXXX`` of characters that are not ASCII
+(``json.dumps`` writes “i-0abc…” as ``\\u201ci-0abc…``) — is scanned a second time with each read as the
 separator it stands for, and the hits of both scans are merged.
 """
 
@@ -85,7 +86,11 @@ class MaskPlan:
         return self._assemble(rendered), mapping
 
 
-_ESCAPED_CONTROL = re.compile(rb"\\[ntrbf]")  # \n, \t, ... as JSON (and C, and Python) write them
+# Escapes that stand for separators: \n, \t, ... as JSON (and C, and Python) write them, and \uXXXX of a
+# character that is not ASCII (json.dumps writes every one so by default: “i-0abc…” becomes \u201ci-0abc…)
+_ESCAPED_CONTROL = re.compile(rb"\\(?:[ntrbf]|u(?!00[0-7])[0-9a-fA-F]{4})")
+_ESCAPED_UNICODE = re.compile(rb"\\u(?!00[0-7])[0-9a-fA-F]{4}")
+_ESCAPED_SHORT = re.compile(rb"\\[ntrbf]")
 CONTEXT_VALUE_MAX = 1024  # string values up to this long are scanned after their key
 CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
 CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
@@ -114,7 +119,8 @@ class BodyMasker:
         if 0x5C not in data or not _ESCAPED_CONTROL.search(data):  # 0x5C: "\\" (an int: fast)
             return hits, keys
         # Same length: "\\n" becomes "\\ ", so every offset holds; the originals are taken from data.
-        alt_hits = self.scanner.remembered(_ESCAPED_CONTROL.sub(rb"\\ ", data))[0]
+        alt = _ESCAPED_UNICODE.sub(rb"\\     ", _ESCAPED_SHORT.sub(rb"\\ ", data))
+        alt_hits = self.scanner.remembered(alt)[0]
         if alt_hits == hits:
             return hits, keys
         return _merge(list(zip(hits, keys, strict=True)) + [(h, (h[2], data[h[0]:h[1]])) for h in alt_hits])
