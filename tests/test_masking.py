@@ -200,6 +200,20 @@ def test_identifiers_after_escaped_non_ascii_quotes_are_masked() -> None:
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
 
 
+def test_identifiers_in_percent_encoded_urls_are_masked() -> None:
+    url = ("https://s3.console.aws.amazon.com/s3/buckets/logs?prefix=AWSLogs%2F123456789012%2Fvpcflowlogs%2F"
+           "&next=%2Fi-0123456789abcdef0%2F&sure=100%25")
+    doc = {"messages": [{"role": "user", "content": f"Open {url} please"}], "metadata": {"link": url}}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    for original in (b"123456789012", b"i-0123456789abcdef0"):
+        assert original not in out, original
+    assert b"AWSLogs%2FAWS_ACCOUNT_" in out and b"%2FAWS_EC2_INSTANCE_" in out and b"sure=100%25" in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
+    text_out, text_mapping = mask(url.encode(), "text/plain")
+    assert b"123456789012" not in text_out and restore_bytes(text_out, text_mapping)[0] == url.encode()
+
+
 def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     scanner = Scanner(RULES)

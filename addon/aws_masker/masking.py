@@ -21,18 +21,21 @@ that is not valid JSON) holds escapes: in ``"Instances:\\ni-0abc…"`` the ident
 ``n`` of ``\\n``, so no word boundary precedes it. Text with escapes that stand for separators — of control
 characters (``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) and ``\\uXXXX`` of characters that are not ASCII
 (``json.dumps`` writes “i-0abc…” as ``\\u201ci-0abc…``) — is scanned a second time with each read as the
-separator it stands for, and the hits of both scans are merged.
+separator it stands for, and the hits of both scans are merged. Text with percent-encoding (a URL:
+``?prefix=AWSLogs%2F123456789012%2F``) is scanned decoded as well; such a hit covers the escapes of its
+characters, and its original is the encoded text.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
 from .scanner import Hit, Scanner
 
@@ -91,6 +94,7 @@ class MaskPlan:
 _ESCAPED_CONTROL = re.compile(rb"\\(?:[ntrbf]|u(?!00[0-7])[0-9a-fA-F]{4})")
 _ESCAPED_UNICODE = re.compile(rb"\\u(?!00[0-7])[0-9a-fA-F]{4}")
 _ESCAPED_SHORT = re.compile(rb"\\[ntrbf]")
+_PERCENT = re.compile(rb"%[0-9A-Fa-f]{2}")  # what unquote_to_bytes decodes
 CONTEXT_VALUE_MAX = 1024  # string values up to this long are scanned after their key
 CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
 CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
@@ -116,14 +120,34 @@ class BodyMasker:
         return self._with_escapes(data, hits, keys)
 
     def _with_escapes(self, data: bytes, hits: list[Hit], keys: list[Key]) -> tuple[list[Hit], list[Key]]:
-        if 0x5C not in data or not _ESCAPED_CONTROL.search(data):  # 0x5C: "\\" (an int: fast)
+        """``hits`` plus what escapes hide: backslash escapes of separators, and percent-encoding."""
+        found: list[tuple[Hit, Key]] = []
+        have = set(hits)
+        if 0x5C in data and _ESCAPED_CONTROL.search(data):  # 0x5C: a backslash (an int needle: fast)
+            # Same length: "\\n" becomes "\\ ", so every offset holds; the originals are taken from data.
+            alt = _ESCAPED_UNICODE.sub(rb"\\     ", _ESCAPED_SHORT.sub(rb"\\ ", data))
+            found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
+        if 0x25 in data:  # "%"
+            found += self._percent_encoded(data, have)
+        if not found:
             return hits, keys
-        # Same length: "\\n" becomes "\\ ", so every offset holds; the originals are taken from data.
-        alt = _ESCAPED_UNICODE.sub(rb"\\     ", _ESCAPED_SHORT.sub(rb"\\ ", data))
-        alt_hits = self.scanner.remembered(alt)[0]
-        if alt_hits == hits:
-            return hits, keys
-        return _merge(list(zip(hits, keys, strict=True)) + [(h, (h[2], data[h[0]:h[1]])) for h in alt_hits])
+        return _merge([*zip(hits, keys, strict=True), *found])
+
+    def _percent_encoded(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
+        """Hits in ``data`` percent-decoded (a URL: ``prefix=AWSLogs%2F123456789012%2F``), as spans of
+        ``data``: a hit covers the escapes of its characters, and its original is the encoded text."""
+        raw = [m.start() for m in _PERCENT.finditer(data)]
+        if not raw:
+            return []
+        decoded_at = [p - 2 * k for k, p in enumerate(raw)]  # where each escape's character lands
+        out = []
+        for h in self.scanner.remembered(unquote_to_bytes(data))[0]:
+            s = h[0] + 2 * bisect_left(decoded_at, h[0])
+            e = h[1] + 2 * bisect_left(decoded_at, h[1])
+            hit = Hit(s, e, h[2], h[3])
+            if hit not in hits:
+                out.append((hit, (h[2], data[s:e])))
+        return out
 
     def _scan_value(self, value: bytes, context: bytes) -> tuple[list[Hit], list[Key]]:
         """Hits in ``value`` (a JSON string or form value), those that need ``context`` — the value's key as
@@ -136,7 +160,7 @@ class BodyMasker:
             return self._scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
-        return self._with_escapes(value, hits, keys) if 0x5C in value else (hits, keys)
+        return self._with_escapes(value, hits, keys) if 0x5C in value or 0x25 in value else (hits, keys)
 
     def _in_value(self, value: bytes, n: int, chits: list[Hit],
                   ckeys: list[Key]) -> tuple[list[Hit], list[Key]]:
@@ -211,7 +235,7 @@ class BodyMasker:
                 for k, v in node.items():
                     if isinstance(v, str):
                         b = v.encode("utf-8", "surrogatepass")
-                        if len(b) > CONTEXT_VALUE_MAX or 0x5C in b:  # a backslash: maybe escapes
+                        if len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b:  # "\\", "%": escapes?
                             context = value_context.get(k)
                             if context is None:
                                 context = self._context_for(k)
@@ -238,7 +262,7 @@ class BodyMasker:
                 for i, v in enumerate(node):
                     if isinstance(v, str):
                         b = v.encode("utf-8", "surrogatepass")
-                        if not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b:
+                        if not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b:
                             hits, keys = scan(b, context)
                         else:  # inline, as for object values
                             chits, ckeys = remembered(context + b)
