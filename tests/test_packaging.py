@@ -31,8 +31,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_ships_every_rule_file(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(Path(n).name for n in names if "/share/aws-masker/rules/" in n)
-    assert shipped == sorted(p.name for p in (REPO / "rules").glob("*.yaml"))
+    where = "/share/aws-masker/rules/"
+    shipped = sorted(n.split(where, 1)[1] for n in names if where in n)
+    assert shipped == sorted(str(p.relative_to(REPO / "rules")) for p in (REPO / "rules").rglob("*.yaml"))
+    assert "optional/bare-account-ids.yaml" in shipped
 
 
 def test_installed_wheel_loads_the_catalog(wheel: Path, tmp_path: Path) -> None:

@@ -88,6 +88,26 @@ def test_examples_and_counterexamples_hold(engine: str) -> None:
     assert not problems, "\n".join(problems)
 
 
+OPTIONAL = sorted((BUILTIN_RULES_DIR / "optional").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("path", OPTIONAL, ids=[p.name for p in OPTIONAL])
+def test_optional_rules_hold_their_examples_and_are_not_loaded_by_default(path: Path, engine: str) -> None:
+    rules = load_file(path)
+    assert rules and not {r.id for r in rules} & {r.id for r in catalog()}
+    problems = check_examples(rules, lambda r, d: Scanner(with_followed(r, rules), engine).scan_values(d))
+    assert not problems, "\n".join(problems)
+    assert [r.id for r in load_rules([path])][-len(rules):] == [r.id for r in rules]  # loads on top
+
+
+def test_bare_account_ids_in_a_cost_report_need_the_optional_rule() -> None:
+    csv = b"identity/LineItemId,lineItem/UsageAccountId,lineItem/UnblendedCost\nabc,123456789012,12.5\n"
+    assert b"123456789012" not in full_scanner("python").scan_values(csv)
+    strict = Scanner(load_rules([BUILTIN_RULES_DIR / "optional" / "bare-account-ids.yaml"]))
+    assert strict.scan_values(csv) == [b"123456789012"]
+
+
 @pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
 def test_builtin_catalog_compiles_entirely_in_hyperscan() -> None:
     scanner = full_scanner("hyperscan")
