@@ -231,51 +231,34 @@ class BodyMasker:
         stack: list[tuple[Any, bytes]] = [(doc, b"")]
         while stack:  # iterative: deep nesting must not exhaust the Python stack
             node, under = stack.pop()
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    if isinstance(v, str):
-                        b = v.encode("utf-8", "surrogatepass")
-                        if len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b:  # "\\", "%": escapes?
-                            context = value_context.get(k)
-                            if context is None:
-                                context = self._context_for(k)
-                            hits, keys = scan(b, context)
-                        else:  # scanned after its key (inline: most values are short and hold nothing)
-                            context = value_context.get(k)
-                            if context is None:
-                                context = self._context_for(k)
-                            chits, ckeys = remembered(context + b)
-                            if not chits:
-                                continue
-                            hits, keys = in_value(b, len(context), chits, ckeys)
-                        if hits:
-                            segments.append(Segment(b, hits, keys))
-                            slots.append((node, k))
-                    elif isinstance(v, dict):
-                        stack.append((v, b""))
-                    elif isinstance(v, list):
-                        stack.append((v, _key_context(k, b'": [')))
-            else:
-                context = list_context.get(under) if under else b""
-                if context is None:
+            in_dict = isinstance(node, dict)
+            if in_dict:
+                items: Any = node.items()
+                context = b""
+            else:  # a list's strings are all scanned after the key the list sits under
+                items = enumerate(node)
+                context = list_context.get(under, b"") if under else b""
+                if under and not context:
                     context = list_context[under] = under + b'"'
-                for i, v in enumerate(node):
-                    if isinstance(v, str):
-                        b = v.encode("utf-8", "surrogatepass")
-                        if not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b:
-                            hits, keys = scan(b, context)
-                        else:  # inline, as for object values
-                            chits, ckeys = remembered(context + b)
-                            if not chits:
-                                continue
-                            hits, keys = in_value(b, len(context), chits, ckeys)
-                        if hits:
-                            segments.append(Segment(b, hits, keys))
-                            slots.append((node, i))
-                    elif isinstance(v, dict):
-                        stack.append((v, b""))
-                    elif isinstance(v, list):
-                        stack.append((v, under))
+            for k, v in items:
+                if isinstance(v, str):
+                    if in_dict:
+                        context = value_context.get(k) or self._context_for(k)
+                    b = v.encode("utf-8", "surrogatepass")
+                    if not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b:  # "\\", "%"
+                        hits, keys = scan(b, context)
+                    else:  # inline: most values are short and hold nothing
+                        chits, ckeys = remembered(context + b)
+                        if not chits:
+                            continue
+                        hits, keys = in_value(b, len(context), chits, ckeys)
+                    if hits:
+                        segments.append(Segment(b, hits, keys))
+                        slots.append((node, k))
+                elif isinstance(v, dict):
+                    stack.append((v, b""))
+                elif isinstance(v, list):
+                    stack.append((v, _key_context(k, b'": [') if in_dict else under))
 
         def assemble(parts: list[bytes]) -> bytes:
             if not slots:
