@@ -504,10 +504,13 @@ class AwsMasker:
     def _safe_path(self, flow: http.HTTPFlow) -> str:
         """The request path for logs and events: no query string, identifiers in it replaced by ***."""
         path = flow.request.path.split("?", 1)[0]
-        if self.scanner is None:
+        if self.body_masker is None:
             return path
         data = path.encode("utf-8", "surrogateescape")
-        hits = self.scanner.scan(data)
+        try:
+            hits = self.body_masker.scan_text(data)[0]  # percent-encoded identifiers too
+        except Exception:  # a log line or an event must never stop a block: withhold the path instead
+            return "/(path withheld)"
         for h in reversed(hits):
             data = data[:h.start] + b"***" + data[h.end:]
         return data.decode("utf-8", "replace")
@@ -551,11 +554,11 @@ class AwsMasker:
                         flow.request.method, flow.request.pretty_host, self._safe_path(flow),
                         self.fail_open_count, blocked.reason)
             return
-        log.warning("aws-masker: blocked %s %s%s with %d: %s", flow.request.method, flow.request.pretty_host,
-                    self._safe_path(flow), blocked.status, blocked.reason)
-        flow.response = error_response(blocked.status, blocked.reason)
+        flow.response = error_response(blocked.status, blocked.reason)  # first: nothing below may undo it
         flow.marked = ":no_entry:"
         flow.comment = f"aws-masker: blocked ({blocked.status}): {blocked.reason}"
+        log.warning("aws-masker: blocked %s %s%s with %d: %s", flow.request.method, flow.request.pretty_host,
+                    self._safe_path(flow), blocked.status, blocked.reason)
         if self.events is not None:
             self.events.emit(block_event(flow.id, flow.request.pretty_host, self._safe_path(flow),
                                          blocked.status, blocked.reason,

@@ -114,8 +114,9 @@ class BodyMasker:
         context = contexts[key] = _key_context(key, b'": "')
         return context
 
-    def _scan_text(self, data: bytes) -> tuple[list[Hit], list[Key]]:
-        """``scan_keys(data)``, plus what escapes of control characters hide (see the module docstring)."""
+    def scan_text(self, data: bytes) -> tuple[list[Hit], list[Key]]:
+        """``scan_keys(data)``, plus what backslash escapes and percent-encoding hide (see the module
+        docstring)."""
         hits, keys = self.scanner.scan_keys(data)
         return self._with_escapes(data, hits, keys)
 
@@ -157,7 +158,7 @@ class BodyMasker:
         so it only adds what a label makes recognisable); only a rule whose match would run from the context
         into the value makes it scanned alone too, and the two results merged."""
         if not context or len(value) > CONTEXT_VALUE_MAX:
-            return self._scan_text(value)
+            return self.scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
         return self._with_escapes(value, hits, keys) if 0x5C in value or 0x25 in value else (hits, keys)
@@ -206,7 +207,7 @@ class BodyMasker:
         return plan
 
     def _plan_text(self, content: bytes) -> MaskPlan:
-        hits, keys = self._scan_text(content)
+        hits, keys = self.scan_text(content)
         plan = MaskPlan("text", [Segment(content, hits, keys)], _assemble=lambda parts: parts[0])
         return self._finish(plan)
 
