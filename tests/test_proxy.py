@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import ssl
 import zlib
@@ -28,6 +29,7 @@ from fake_upstream import (
     reply_parts,
     request_for,
 )
+from proxyproc import REPO
 from tlsutil import make_test_ca
 
 pytestmark = pytest.mark.mitm
@@ -272,3 +274,39 @@ def test_fail_open_forwards_unmasked_with_a_warning(start_proxy, fake_upstream) 
     assert r.status_code == 200
     assert b"i-0a1b2c3d4e5f60718" in fake_upstream.last_request.body
     proxy.wait_for_log("FAIL-OPEN", timeout=5)
+
+
+# ---- the addon unloaded while mitmproxy runs ----------------------------------------------------------
+
+def test_a_failed_reload_of_the_script_blocks_instead_of_forwarding(start_proxy, fake_upstream,
+                                                                    tmp_path) -> None:
+    """mitmproxy reloads a changed script; if the new one fails to load it keeps running without the addon.
+    The guard the addon left behind then refuses masked hosts until a reload succeeds."""
+    good = (f"import sys\nsys.path.insert(0, {str(REPO / 'addon')!r})\n"
+            "from aws_masker.addon import AwsMasker\naddons = [AwsMasker()]\n")
+    script = tmp_path / "masker_copy.py"
+    script.write_text(good)
+    proxy = start_proxy(script=script, **masker_options(fake_upstream))
+
+    def touch(text: str) -> None:  # a later mtime than the one mitmproxy saw, whatever the clock resolution
+        script.write_text(text)
+        stamp = script.stat().st_mtime + 5 + len(proxy.log_lines)
+        os.utime(script, (stamp, stamp))
+
+    with proxied_client(proxy) as c:
+        r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=make_request(ANTHROPIC))
+        assert r.status_code == 200
+        fake_upstream.clear()
+        since = len(proxy.log_lines)
+        touch("raise RuntimeError('a broken update')\n")
+        proxy.wait_for_log("error in script", since=since, timeout=10)
+        r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=make_request(ANTHROPIC))
+        assert_blocked(r, 503, "not loaded", fake_upstream)
+        other = post_raw(c, fake_upstream, b"i-0a1b2c3d4e5f60718", **{"content-type": "text/plain"})
+        assert other.status_code == 503 and fake_upstream.requests == []  # the echo path: same host, refused
+        since = len(proxy.log_lines)
+        touch(good)
+        proxy.wait_for_log("rules loaded", since=since, timeout=10)
+        r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=make_request(ANTHROPIC))
+        assert r.status_code == 200, r.text
+        assert_no_original(fake_upstream)

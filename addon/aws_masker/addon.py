@@ -22,6 +22,7 @@ from mitmproxy import addonmanager, ctx, exceptions, http, tls
 from .contentview import FlowMappings, install_view, uninstall_view
 from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
+from .guard import GUARD
 from .masking import BodyMasker
 from .placeholders import PREFIX, TOKEN_RE, restore_bytes
 from .rules import RuleError, check_examples, load_rules, with_followed
@@ -283,6 +284,8 @@ class AwsMasker:
                 f"masker_max_body: {ctx.options.masker_max_body} must be a positive number of bytes")
         if "masker_hosts" in updated:
             self.hosts = _parse_hosts(ctx.options.masker_hosts)
+            if GUARD.masker is self:
+                GUARD.hosts = self.hosts
         if "masker_rules" in updated:
             self._load_rules(ctx.options.masker_rules)
         # Read by the hooks for every flow: kept as attributes once the options are valid.
@@ -384,6 +387,7 @@ class AwsMasker:
     def running(self) -> None:
         if self.events is not None:
             self.events.start()
+        GUARD.arm(self)  # from now on, unloading this addon (a failed script reload) blocks, not leaks
 
     def _emit(self, event: dict[str, Any]) -> None:
         if self.events is not None:
@@ -690,6 +694,7 @@ class AwsMasker:
         self.flows.pop(flow.id, None)
 
     def done(self) -> None:
+        GUARD.disarm(self)
         self.flows.clear()
         uninstall_view(self.view_flows.get)
         self.view_flows.clear()
