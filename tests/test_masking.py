@@ -214,6 +214,18 @@ def test_identifiers_in_percent_encoded_urls_are_masked() -> None:
     assert b"123456789012" not in text_out and restore_bytes(text_out, text_mapping)[0] == url.encode()
 
 
+def test_identifiers_glued_to_an_underscore_are_masked() -> None:
+    # "_" is a word character: a leading word boundary fails after it; a second scan reads it as a space
+    text = ("ls: web_i-0123456789abcdef0.log backup_vol-0123456789abcdef0.tar role_arn:aws:iam::123456789012:"
+            "role/Deploy key_AKIAIOSFODNN7EXAMPLE; snake_case_names and multi_line stay")
+    out, mapping = mask(text.encode(), "text/plain")
+    for original in (b"i-0123456789abcdef0", b"vol-0123456789abcdef0", b"123456789012",
+                     b"AKIAIOSFODNN7EXAMPLE"):
+        assert original not in out, original
+    assert b"web_AWS_EC2_INSTANCE_" in out and b"snake_case_names and multi_line stay" in out
+    assert restore_bytes(out, mapping)[0] == text.encode()
+
+
 def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     scanner = Scanner(RULES)

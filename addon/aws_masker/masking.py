@@ -21,7 +21,8 @@ that is not valid JSON) holds escapes: in ``"Instances:\\ni-0abc…"`` the ident
 ``n`` of ``\\n``, so no word boundary precedes it. Text with escapes that stand for separators — of control
 characters (``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) and ``\\uXXXX`` of characters that are not ASCII
 (``json.dumps`` writes “i-0abc…” as ``\\u201ci-0abc…``) — is scanned a second time with each read as the
-separator it stands for, and the hits of both scans are merged. Text with percent-encoding (a URL:
+separator it stands for, and the hits of both scans are merged. So is an underscore glued to the start of an
+identifier (``web_i-0abc…``: the underscore is a word character). Text with percent-encoding (a URL:
 ``?prefix=AWSLogs%2F123456789012%2F``) is scanned decoded as well; such a hit covers the escapes of its
 characters, and its original is the encoded text.
 """
@@ -105,6 +106,7 @@ class BodyMasker:
         self.scanner = scanner
         self._value_context: dict[str, bytes] = {}  # JSON key -> b'"key": "' (keys repeat a lot)
         self._list_context: dict[bytes, bytes] = {}  # b'"key": [' -> b'"key": ["'
+        self._glued = scanner.glued_pattern()  # "_" right before an ID's literal start: web_i-0abc…
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -130,6 +132,9 @@ class BodyMasker:
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
         if 0x25 in data:  # "%"
             found += self._percent_encoded(data, have)
+        if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
+            alt = self._glued.sub(b" ", data)  # same length
+            found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
         if not found:
             return hits, keys
         return _merge([*zip(hits, keys, strict=True), *found])
@@ -161,7 +166,9 @@ class BodyMasker:
             return self.scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
-        return self._with_escapes(value, hits, keys) if 0x5C in value or 0x25 in value else (hits, keys)
+        if 0x5C in value or 0x25 in value or 0x5F in value:  # "\\", "%", "_"
+            return self._with_escapes(value, hits, keys)
+        return hits, keys
 
     def _in_value(self, value: bytes, n: int, chits: list[Hit],
                   ckeys: list[Key]) -> tuple[list[Hit], list[Key]]:
@@ -220,6 +227,7 @@ class BodyMasker:
         remembered = self.scanner.remembered
         in_value = self._in_value
         value_context = self._value_context
+        glued = self._glued.search if self._glued is not None else None
         list_context = self._list_context
         segments: list[Segment] = []
         slots: list[tuple[Any, Any]] = []  # (container, key) of each string that has hits
@@ -246,7 +254,8 @@ class BodyMasker:
                     if in_dict:
                         context = value_context.get(k) or self._context_for(k)
                     b = v.encode("utf-8", "surrogatepass")
-                    if not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b:  # "\\", "%"
+                    if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b
+                            or (0x5F in b and glued is not None and glued(b))):  # escapes, "%", glued "_"
                         hits, keys = scan(b, context)
                     else:  # inline: most values are short and hold nothing
                         chits, ckeys = remembered(context + b)

@@ -354,6 +354,17 @@ class Scanner:
             return inner[0].kind
         return kind
 
+    def glued_pattern(self) -> re.Pattern[bytes] | None:
+        """An underscore right before the literal a rule's match starts with after a word boundary
+        (``web_i-0abc…``): the underscore is a word character, so the boundary fails there. None when no
+        rule starts so."""
+        # Their first 4 bytes are enough (a superset: it only costs a second scan now and then), as a trie.
+        found = {lit[:4].lower() for rule in self.rules
+                 for boundary, lit, _ in _literal_prefixes(rule.regex) or () if boundary}
+        if not found:
+            return None
+        return re.compile(rb"_(?=(?i:" + _trie_regex(found) + rb"))")
+
     def scan_values(self, data: bytes) -> list[bytes]:
         """The masked substrings of ``data`` (for rule examples and tools)."""
         return [data[h.start:h.end] for h in self.scan(data)]
@@ -545,6 +556,25 @@ def _lookahead_reach(regex: str) -> int:
         return best
 
     return min(reach(parsed), WINDOW)
+
+
+def _trie_regex(words: set[bytes]) -> bytes:
+    """A regex matching any of ``words`` (or a longer text that starts with one), factored as a trie so
+    that it costs a few steps per position, not one per word."""
+    trie: dict[int | None, Any] = {}
+    for word in words:
+        node = trie
+        for c in word:
+            node = node.setdefault(c, {})
+        node[None] = {}
+
+    def build(node: dict[int | None, Any]) -> bytes:
+        if None in node:
+            return b""  # a word ends here: what follows does not matter
+        alts = [re.escape(bytes([c])) + build(child) for c, child in sorted(node.items()) if c is not None]
+        return alts[0] if len(alts) == 1 else b"(?:" + b"|".join(alts) + b")"
+
+    return build(trie)
 
 
 @functools.lru_cache(maxsize=256)
