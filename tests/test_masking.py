@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import random
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
@@ -224,6 +226,41 @@ def test_identifiers_glued_to_an_underscore_are_masked() -> None:
         assert original not in out, original
     assert b"web_AWS_EC2_INSTANCE_" in out and b"snake_case_names and multi_line stay" in out
     assert restore_bytes(out, mapping)[0] == text.encode()
+
+
+# Identifiers between separators, inside the wrappers text goes through before it reaches an LLM.
+_SEPARATED = {
+    "i-0123456789abcdef0": b"i-0123456789abcdef0",
+    "arn:aws:iam::123456789012:role/Deploy": b"123456789012",
+    "AKIAIOSFODNN7EXAMPLE": b"AKIAIOSFODNN7EXAMPLE",
+    "10.20.30.40": b"10.20.30.40",
+    "s3://my-data-bucket-77/logs/": b"my-data-bucket-77",
+    "sg-0123456789abcdef0": b"sg-0123456789abcdef0",
+}
+_LEFT = list(" \n\t,;([\'\"=:/|_*`>{#\u201c")
+_RIGHT = list(" \n\t,;)]\'\":/|*`<}?&\u201d")
+_WRAPPERS = {
+    "text": lambda t: (t, "text/plain"),
+    "json": lambda t: (json.dumps({"messages": [{"role": "user", "content": t}]}), "application/json"),
+    "json-in-json": lambda t: (json.dumps({"messages": [{"role": "tool", "content": json.dumps({"t": t})}]}),
+                               "application/json"),
+    "percent-encoded": lambda t: (quote(t, safe=""), "text/plain"),
+}
+
+
+@pytest.mark.parametrize("wrapper", _WRAPPERS)
+def test_identifiers_between_any_separators_in_any_wrapper_never_leak(wrapper: str) -> None:
+    leaks = []
+    for ident, secret in _SEPARATED.items():
+        for left, right in itertools.product(_LEFT, _RIGHT):
+            body, ctype = _WRAPPERS[wrapper](f"see{left}{ident}{right}end")
+            out, mapping = mask(body.encode(), ctype)
+            if secret in out:
+                leaks.append((left, ident, right))
+            restored = restore_bytes(out, mapping, in_json=ctype == "application/json")[0]
+            assert json.loads(restored) == json.loads(body) if ctype == "application/json" else \
+                restored == body.encode()
+    assert not leaks, leaks[:10]
 
 
 def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:

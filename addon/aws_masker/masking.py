@@ -147,7 +147,10 @@ class BodyMasker:
             return []
         decoded_at = [p - 2 * k for k, p in enumerate(raw)]  # where each escape's character lands
         out = []
-        for h in self.scanner.remembered(unquote_to_bytes(data))[0]:
+        decoded = unquote_to_bytes(data)
+        if self._glued is not None and 0x5F in decoded:
+            decoded = self._glued.sub(b" ", decoded)  # and read an underscore glued to an ID as a space
+        for h in self.scanner.remembered(decoded)[0]:
             s = h[0] + 2 * bisect_left(decoded_at, h[0])
             e = h[1] + 2 * bisect_left(decoded_at, h[1])
             hit = Hit(s, e, h[2], h[3])
