@@ -140,19 +140,27 @@ class BodyMasker:
         return _merge([*zip(hits, keys, strict=True), *found])
 
     def _percent_encoded(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
-        """Hits in ``data`` percent-decoded (a URL: ``prefix=AWSLogs%2F123456789012%2F``), as spans of
-        ``data``: a hit covers the escapes of its characters, and its original is the encoded text."""
-        raw = [m.start() for m in _PERCENT.finditer(data)]
-        if not raw:
+        """Hits in ``data`` percent-decoded (a URL: ``prefix=AWSLogs%2F123456789012%2F``; up to three times,
+        for URLs inside URLs), as spans of ``data``: a hit covers the escapes of its characters, and its
+        original is the encoded text."""
+        rounds: list[list[int]] = []  # per decoding, where each escape's character lands
+        decoded = data
+        for _ in range(3):
+            raw = [m.start() for m in _PERCENT.finditer(decoded)]
+            if not raw:
+                break
+            rounds.append([p - 2 * k for k, p in enumerate(raw)])
+            decoded = unquote_to_bytes(decoded)
+        if not rounds:
             return []
-        decoded_at = [p - 2 * k for k, p in enumerate(raw)]  # where each escape's character lands
-        out = []
-        decoded = unquote_to_bytes(data)
         if self._glued is not None and 0x5F in decoded:
             decoded = self._glued.sub(b" ", decoded)  # and read an underscore glued to an ID as a space
+        out = []
         for h in self.scanner.remembered(decoded)[0]:
-            s = h[0] + 2 * bisect_left(decoded_at, h[0])
-            e = h[1] + 2 * bisect_left(decoded_at, h[1])
+            s, e = h[0], h[1]
+            for landed in reversed(rounds):  # back through each decoding, innermost first
+                s += 2 * bisect_left(landed, s)
+                e += 2 * bisect_left(landed, e)
             hit = Hit(s, e, h[2], h[3])
             if hit not in hits:
                 out.append((hit, (h[2], data[s:e])))
@@ -286,15 +294,19 @@ class BodyMasker:
     def _plan_form(self, content: bytes) -> MaskPlan:
         text = content.decode("utf-8", "surrogateescape")
         pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
-        segments = [Segment(v.encode("utf-8", "surrogateescape"), []) for _, v in pairs]
-        for (k, _), seg in zip(pairs, segments, strict=True):
-            seg.hits, seg.keys = self._scan_value(
-                seg.data, k.encode("utf-8", "surrogateescape")[-CONTEXT_KEY_MAX:] + b"=")
+        # key, value, key, value...: keys too (a form entry without "=" is all key), values after their key
+        segments: list[Segment] = []
+        for k, v in pairs:
+            key = k.encode("utf-8", "surrogateescape")
+            value = v.encode("utf-8", "surrogateescape")
+            segments.append(Segment(key, *self.scan_text(key)))
+            segments.append(Segment(value, *self._scan_value(value, key[-CONTEXT_KEY_MAX:] + b"=")))
 
         def assemble(parts: list[bytes]) -> bytes:
             if all(not s.hits for s in segments):
                 return content
-            new = [(k, p.decode("utf-8", "surrogateescape")) for (k, _), p in zip(pairs, parts, strict=True)]
+            new = [(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                   for k, v in zip(parts[0::2], parts[1::2], strict=True)]
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
         return self._finish(MaskPlan("form", segments, _assemble=assemble))
