@@ -270,6 +270,16 @@ def test_identifiers_between_any_separators_in_any_wrapper_never_leak(wrapper: s
     assert not leaks, leaks[:10]
 
 
+def test_log_group_in_a_cloudwatch_console_link_is_masked() -> None:
+    # The console writes "%" as "$25" there: $252F is a twice-encoded "/".
+    link = ("https://us-east-1.console.aws.amazon.com/cloudwatch/home?region=us-east-1#logsV2:log-groups/"
+            "log-group/$252Faws$252Flambda$252Fpayments-prod-handler/log-events")
+    body = json.dumps({"messages": [{"role": "user", "content": link}]}).encode()
+    out, mapping = mask(body, "application/json")
+    assert b"payments-prod-handler" not in out and b"$252Flambda$252FAWS_LAMBDA_FUNCTION_" in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0])["messages"][0]["content"] == link
+
+
 def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     scanner = Scanner(RULES)

@@ -130,7 +130,7 @@ class BodyMasker:
             # Same length: "\\n" becomes "\\ ", so every offset holds; the originals are taken from data.
             alt = _ESCAPED_UNICODE.sub(rb"\\     ", _ESCAPED_SHORT.sub(rb"\\ ", data))
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
-        if 0x25 in data:  # "%"
+        if 0x25 in data or (0x24 in data and data.find(b"$25") >= 0):  # "%", or the console's "$25"
             found += self._percent_encoded(data, have)
         if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
             alt = self._glued.sub(b" ", data)  # same length
@@ -144,7 +144,8 @@ class BodyMasker:
         for URLs inside URLs), as spans of ``data``: a hit covers the escapes of its characters, and its
         original is the encoded text."""
         rounds: list[list[int]] = []  # per decoding, where each escape's character lands
-        decoded = data
+        # The AWS console writes "%" as "$25" in some links (CloudWatch: log-group/$252Faws$252Flambda...).
+        decoded = data.replace(b"$25", b"%25") if data.find(b"$25") >= 0 else data
         for _ in range(3):
             raw = [m.start() for m in _PERCENT.finditer(decoded)]
             if not raw:
@@ -177,7 +178,7 @@ class BodyMasker:
             return self.scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
-        if 0x5C in value or 0x25 in value or 0x5F in value:  # "\\", "%", "_"
+        if 0x5C in value or 0x25 in value or 0x5F in value or 0x24 in value:  # "\\", "%", "_", "$"
             return self._with_escapes(value, hits, keys)
         return hits, keys
 
@@ -265,8 +266,8 @@ class BodyMasker:
                     if in_dict:
                         context = value_context.get(k) or self._context_for(k)
                     b = v.encode("utf-8", "surrogatepass")
-                    if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b
-                            or (0x5F in b and glued is not None and glued(b))):  # escapes, "%", glued "_"
+                    if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
+                            or (0x5F in b and glued is not None and glued(b))):  # escapes, "%", "$25", "_"
                         hits, keys = scan(b, context)
                     else:  # inline: most values are short and hold nothing
                         chits, ckeys = remembered(context + b)
