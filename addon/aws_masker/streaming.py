@@ -607,12 +607,12 @@ class StreamRestorer:
             self._chat_chunk(ev, obj)
         elif isinstance(obj.get("candidates"), list):
             self._gemini_chunk(ev, obj)
-        elif t in _CO_DELTAS:
+        elif isinstance(t, str) and t in _CO_DELTAS:
             self._cohere_delta(ev, obj, t)
         elif t in ("tool-call-start", "content-start"):  # the tool plan is over
             self._flush(lambda k: k[0] == "co" and k[1] == "tool-plan-delta", out)
             self._generic(ev)
-        elif t in _CO_ENDS:
+        elif isinstance(t, str) and t in _CO_ENDS:
             self._flush(lambda k: k[0] == "co" and k[1] == _CO_ENDS[t] and k[2] == obj.get("index"), out)
             self._generic(ev)
         elif t == "message-end":
