@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import itertools
 import json
@@ -278,6 +279,26 @@ def test_log_group_in_a_cloudwatch_console_link_is_masked() -> None:
     out, mapping = mask(body, "application/json")
     assert b"payments-prod-handler" not in out and b"$252Flambda$252FAWS_LAMBDA_FUNCTION_" in out
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0])["messages"][0]["content"] == link
+
+
+def test_text_documents_sent_as_base64_are_masked_inside() -> None:
+    text = b"instance i-0123456789abcdef0 in 10.1.2.3\naccount 123456789012\n"
+    b64 = base64.b64encode(text).decode()
+    image = base64.b64encode(b"\x89PNG i-0123456789abcdef0").decode()
+    doc = {"messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": b64}},
+        {"type": "file", "file": {"file_data": "data:text/csv;charset=utf-8;base64," + b64}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+        {"type": "text", "text": "data: not base64 but i-0123456789abcdef0", "data": "!!not base64!!"}]}]}
+    out, mapping = mask(json.dumps(doc).encode(), "application/json")
+    content = json.loads(out)["messages"][0]["content"]
+    document = base64.b64decode(content[0]["source"]["data"])
+    assert document == b"instance AWS_EC2_INSTANCE_0001 in AWS_IPV4_0001\naccount AWS_ACCOUNT_0001\n"
+    prefix, payload = content[1]["file"]["file_data"].split(",", 1)
+    assert prefix == "data:text/csv;charset=utf-8;base64" and base64.b64decode(payload) == document
+    assert content[2]["source"]["data"] == image  # binary media types are not decoded
+    assert "AWS_EC2_INSTANCE_0001" in content[3]["text"]
+    assert restore_bytes(document, mapping)[0] == text
 
 
 def test_text_without_escapes_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:

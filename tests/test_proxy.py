@@ -6,9 +6,11 @@ so the client must get its originals back exactly.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import os
+import re
 import socket
 import ssl
 import zlib
@@ -109,6 +111,18 @@ def test_structured_tool_input_values_are_masked_by_their_keys(client, fake_upst
     assert sent["AccountId"].startswith("AWS_ACCOUNT_")
     assert sent["Principal"]["AWS"][1].startswith("AWS_ACCOUNT_")
     assert reply_parts(ANTHROPIC, r.json()).text == expected_reply_text(req)
+
+
+def test_a_text_document_sent_as_base64_is_masked_inside(client, fake_upstream) -> None:
+    secret = "i-0a1b2c3d4e5f60718 behind 10.20.30.40"
+    req = make_request(ANTHROPIC)
+    req["messages"][0]["content"].insert(0, {"type": "document", "source": {
+        "type": "base64", "media_type": "text/plain", "data": base64.b64encode(secret.encode()).decode()}})
+    r = client.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=req)
+    assert r.status_code == 200, r.text
+    assert_no_original(fake_upstream)
+    sent = fake_upstream.last_request.json()["messages"][0]["content"][0]["source"]["data"]
+    assert re.fullmatch(rb"AWS_EC2_INSTANCE_\d{4,} behind AWS_IPV4_\d{4,}", base64.b64decode(sent))
 
 
 def test_gzip_reply_is_restored(client, fake_upstream) -> None:

@@ -29,6 +29,8 @@ characters, and its original is the encoded text.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from bisect import bisect_left
@@ -242,7 +244,8 @@ class BodyMasker:
         glued = self._glued.search if self._glued is not None else None
         list_context = self._list_context
         segments: list[Segment] = []
-        slots: list[tuple[Any, Any]] = []  # (container, key) of each string that has hits
+        # (container, key, how the masked bytes become the new value: None = UTF-8 text) per string with hits
+        slots: list[tuple[Any, Any, Callable[[bytes], str] | None]] = []
         if isinstance(doc, str):
             doc = [doc]
             unwrap = True
@@ -266,6 +269,15 @@ class BodyMasker:
                     if in_dict:
                         context = value_context.get(k) or self._context_for(k)
                     b = v.encode("utf-8", "surrogatepass")
+                    if len(b) >= 16 and (k == "data" or b.startswith((b"data:", b"DATA:"))):
+                        encoded = _base64_text(v, node if in_dict else None)
+                        if encoded is not None:  # text sent as base64 (a document, a data: URL)
+                            prefix, text = encoded
+                            hits, keys = self.scan_text(text)
+                            if hits:
+                                segments.append(Segment(text, hits, keys))
+                                slots.append((node, k, _base64_wrapper(prefix)))
+                            continue
                     if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
                             or (0x5F in b and glued is not None and glued(b))):  # escapes, "%", "$25", "_"
                         hits, keys = scan(b, context)
@@ -276,7 +288,7 @@ class BodyMasker:
                         hits, keys = in_value(b, len(context), chits, ckeys)
                     if hits:
                         segments.append(Segment(b, hits, keys))
-                        slots.append((node, k))
+                        slots.append((node, k, None))
                 elif isinstance(v, dict):
                     stack.append((v, b""))
                 elif isinstance(v, list):
@@ -285,8 +297,8 @@ class BodyMasker:
         def assemble(parts: list[bytes]) -> bytes:
             if not slots:
                 return content
-            for (node, k), part in zip(slots, parts, strict=True):
-                node[k] = part.decode("utf-8", "surrogatepass")
+            for (node, k, wrap), part in zip(slots, parts, strict=True):
+                node[k] = part.decode("utf-8", "surrogatepass") if wrap is None else wrap(part)
             out = doc[0] if unwrap else doc
             return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
@@ -311,6 +323,37 @@ class BodyMasker:
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
         return self._finish(MaskPlan("form", segments, _assemble=assemble))
+
+
+# Media types whose base64 payload is text worth scanning (documents, data: URLs); others (PDF, images) are
+# not decoded (see docs/security.md).
+_TEXT_MEDIA = re.compile(r"^(?:text/[\w.+-]+|application/(?:[\w.+-]*\+)?(?:json|jsonl|x-ndjson|ndjson|xml|"
+                         r"yaml|x-yaml|csv|toml|sql|javascript|x-sh|x-python))$", re.IGNORECASE)
+_DATA_URL = re.compile(r"^data:([\w.+/-]+)((?:;[\w.+-]+=[\w.+-]+)*);base64,", re.IGNORECASE)
+
+
+def _base64_text(value: str, parent: dict[str, Any] | None) -> tuple[str, bytes] | None:
+    """``(prefix, decoded text)`` of a string that is text sent as base64 — a ``data:text/...;base64,``
+    URL, or the ``data`` of a ``{"type": "base64", "media_type": "text/plain", "data": …}`` source (an
+    Anthropic document) — else None."""
+    if value.startswith(("data:", "DATA:")):
+        m = _DATA_URL.match(value)
+        if m is None or not _TEXT_MEDIA.match(m.group(1)):
+            return None
+        prefix, payload = value[:m.end()], value[m.end():]
+    elif parent is not None and parent.get("type") == "base64" and isinstance(parent.get("media_type"), str) \
+            and _TEXT_MEDIA.match(parent["media_type"]):
+        prefix, payload = "", value
+    else:
+        return None
+    try:
+        return prefix, base64.b64decode(payload, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def _base64_wrapper(prefix: str) -> Callable[[bytes], str]:
+    return lambda masked: prefix + base64.b64encode(masked).decode("ascii")
 
 
 def _merge(found: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
