@@ -84,3 +84,16 @@ def request_body(n_identifiers: int = 100, size: int = 16 * 1024, seed: int = 2)
     body = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "system": "You are an AWS expert.",
             "messages": [{"role": "user", "content": text}]}
     return json.dumps(body).encode()
+
+
+def tools_request_body(n_tools: int = 30, params: int = 12) -> bytes:
+    """An Anthropic request that is mostly tool schemas (~2,000 short strings), as coding agents send it."""
+    tools = []
+    for t in range(n_tools):
+        props = {f"param_{i}": {"type": "string", "enum": ["alpha", "beta", "gamma"],
+                                "description": f"The {i}th parameter of tool {t}, a short sentence."}
+                 for i in range(params)}
+        tools.append({"name": f"tool_{t}", "description": "A tool that does things. " * 5,
+                      "input_schema": {"type": "object", "properties": props, "required": list(props)[:3]}})
+    return json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1024, "tools": tools,
+                       "messages": [{"role": "user", "content": "hello i-0123456789abcdef0"}]}).encode()
