@@ -119,13 +119,15 @@ class BodyMasker:
         return context
 
     def scan_text(self, data: bytes) -> tuple[list[Hit], list[Key]]:
-        """``scan_keys(data)``, plus what backslash escapes and percent-encoding hide (see the module
-        docstring)."""
+        """``scan_keys(data)``, plus what backslash escapes, percent-encoding and underscores glued to an
+        identifier hide (see the module docstring)."""
         hits, keys = self.scanner.scan_keys(data)
-        return self._with_escapes(data, hits, keys)
+        return self._with_decodings(data, hits, keys)
 
-    def _with_escapes(self, data: bytes, hits: list[Hit], keys: list[Key]) -> tuple[list[Hit], list[Key]]:
-        """``hits`` plus what escapes hide: backslash escapes of separators, and percent-encoding."""
+    def _with_decodings(self, data: bytes, hits: list[Hit], keys: list[Key]) -> tuple[list[Hit], list[Key]]:
+        """``hits`` plus the hits of ``data`` read decoded: backslash escapes of separators as separators,
+        percent-encoding decoded, an underscore glued to an identifier as a space. Each decoding that applies
+        is one more scan (remembered like any other); most texts need none."""
         found: list[tuple[Hit, Key]] = []
         have = set(hits)
         if 0x5C in data and _ESCAPED_CONTROL.search(data):  # 0x5C: a backslash (an int needle: fast)
@@ -181,7 +183,7 @@ class BodyMasker:
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
         if 0x5C in value or 0x25 in value or 0x5F in value or 0x24 in value:  # "\\", "%", "_", "$"
-            return self._with_escapes(value, hits, keys)
+            return self._with_decodings(value, hits, keys)
         return hits, keys
 
     def _in_value(self, value: bytes, n: int, chits: list[Hit],
