@@ -289,7 +289,8 @@ def test_text_documents_sent_as_base64_are_masked_inside() -> None:
         {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": b64}},
         {"type": "file", "file": {"file_data": "data:text/csv;charset=utf-8;base64," + b64}},
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
-        {"type": "text", "text": "data: not base64 but i-0123456789abcdef0", "data": "!!not base64!!"}]}]}
+        {"type": "text", "text": "data: not base64 but i-0123456789abcdef0", "data": "!!not base64!!"},
+        {"inlineData": {"mimeType": "text/markdown", "data": b64}}]}]}
     out, mapping = mask(json.dumps(doc).encode(), "application/json")
     content = json.loads(out)["messages"][0]["content"]
     document = base64.b64decode(content[0]["source"]["data"])
@@ -298,6 +299,7 @@ def test_text_documents_sent_as_base64_are_masked_inside() -> None:
     assert prefix == "data:text/csv;charset=utf-8;base64" and base64.b64decode(payload) == document
     assert content[2]["source"]["data"] == image  # binary media types are not decoded
     assert "AWS_EC2_INSTANCE_0001" in content[3]["text"]
+    assert base64.b64decode(content[4]["inlineData"]["data"]) == document  # Gemini
     assert restore_bytes(document, mapping)[0] == text
 
 

@@ -336,15 +336,14 @@ _DATA_URL = re.compile(r"^data:([\w.+/-]+)((?:;[\w.+-]+=[\w.+-]+)*);base64,", re
 
 def _base64_text(value: str, parent: dict[str, Any] | None) -> tuple[str, bytes] | None:
     """``(prefix, decoded text)`` of a string that is text sent as base64 — a ``data:text/...;base64,``
-    URL, or the ``data`` of a ``{"type": "base64", "media_type": "text/plain", "data": …}`` source (an
-    Anthropic document) — else None."""
+    URL, the ``data`` of a ``{"type": "base64", "media_type": "text/plain", "data": …}`` source (an
+    Anthropic document) or of Gemini's ``{"mimeType": "text/plain", "data": …}`` — else None."""
     if value.startswith(("data:", "DATA:")):
         m = _DATA_URL.match(value)
         if m is None or not _TEXT_MEDIA.match(m.group(1)):
             return None
         prefix, payload = value[:m.end()], value[m.end():]
-    elif parent is not None and parent.get("type") == "base64" and isinstance(parent.get("media_type"), str) \
-            and _TEXT_MEDIA.match(parent["media_type"]):
+    elif parent is not None and _TEXT_MEDIA.match(_media_type(parent)):
         prefix, payload = "", value
     else:
         return None
@@ -352,6 +351,16 @@ def _base64_text(value: str, parent: dict[str, Any] | None) -> tuple[str, bytes]
         return prefix, base64.b64decode(payload, validate=True)
     except (ValueError, binascii.Error):
         return None
+
+
+def _media_type(parent: dict[str, Any]) -> str:
+    """The media type of base64 ``data`` in ``parent``: an Anthropic ``{"type": "base64", "media_type": …}``
+    source, or Gemini's ``inlineData`` (``mimeType``)."""
+    if parent.get("type") == "base64":
+        media = parent.get("media_type")
+    else:
+        media = parent.get("mimeType", parent.get("mime_type"))
+    return media if isinstance(media, str) else ""
 
 
 def _base64_wrapper(prefix: str) -> Callable[[bytes], str]:
