@@ -48,6 +48,24 @@ def test_paths_in_logs_and_events_hide_identifiers_also_percent_encoded(masker) 
     assert safe == "/v1/files/logs%2F***/***/content"
 
 
+def test_masker_json_keys_reaches_the_masker_and_survives_a_rules_reload(masker, tmp_path: Path) -> None:
+    addon, tctx = masker
+    body = json.dumps({"input": {"i-0123456789abcdef0": "stop"}}).encode()
+    f = make_flow(body)
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert b"i-0123456789abcdef0" in f.request.content  # default: keys stay
+    tctx.configure(addon, masker_json_keys=True)
+    rules = tmp_path / "team.yaml"
+    rules.write_text("rules:\n  - id: team-host\n    description: internal hosts of the team\n"
+                     "    regex: '\\bdb[0-9]+\\.corp\\.example\\b'\n    placeholder: TEAM_HOST\n"
+                     "    examples: ['db1.corp.example']\n")
+    tctx.configure(addon, masker_rules=[str(rules)])  # a new BodyMasker: the option must still hold
+    f = make_flow(body)
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert b"i-0123456789abcdef0" not in f.request.content
+    assert next(iter(json.loads(f.request.content)["input"])).startswith("AWS_EC2_INSTANCE_")
+
+
 def test_request_masked_and_reply_restored(masker) -> None:
     addon, tctx = masker
     f = make_flow(json.dumps(BODY).encode())

@@ -8,6 +8,7 @@ import gzip
 import itertools
 import json
 import random
+import re
 from urllib.parse import parse_qsl, quote, quote_plus
 
 import pytest
@@ -62,6 +63,25 @@ def test_json_strings_masked_at_any_depth_keys_and_numbers_stay() -> None:
     restored, n = restore_bytes(out, mapping)
     assert json.loads(restored) == doc
     assert n == 4
+
+
+def test_json_keys_are_masked_only_when_asked() -> None:
+    doc = {"input": {"i-0123456789abcdef0": {"action": "stop", "sg-0123456789abcdef0": "keep"},
+                     "plain": "vpc-0123456789abcdef0", "vpc-0123456789abcdef0": "its own key"}}
+    body = json.dumps(doc).encode()
+    out, _ = mask(body, "application/json")
+    assert list(json.loads(out)["input"]) == list(doc["input"])  # default: keys stay
+    masker = BodyMasker(SCANNER)
+    masker.mask_keys = True
+    plan = masker.plan(body, "application/json")
+    out, mapping = plan.render(asyncio.run(MemoryStore().placeholders_for(plan.items)))
+    masked = json.loads(out)["input"]
+    assert [re.sub(r"_\d+$", "_N", k) for k in masked] == ["AWS_EC2_INSTANCE_N", "plain", "AWS_VPC_N"]
+    assert masked[next(iter(masked))] == {"action": "stop", "AWS_SECURITY_GROUP_0001": "keep"}
+    assert masked["AWS_VPC_0001"] == "its own key" and masked["plain"] == "AWS_VPC_0001"  # same placeholder
+    for original in (b"i-0123456789abcdef0", b"sg-0123456789abcdef0", b"vpc-0123456789abcdef0"):
+        assert original not in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
 
 
 def test_same_original_same_placeholder_different_originals_differ() -> None:

@@ -202,6 +202,12 @@ class AwsMasker:
             "instead of answering it with an error. Off by default: nothing leaves unmasked.",
         )
         loader.add_option(
+            "masker_json_keys", bool, False,
+            "Also mask identifiers in JSON object keys. Off by default (keys stay as the APIs expect them); "
+            "turn it on when models write identifiers as keys of tool inputs ({\"i-0abc...\": \"stop\"}): "
+            "restored in the reply, they would come back as originals in the next request's history.",
+        )
+        loader.add_option(
             "masker_store", str, "auto",
             "Where placeholder mappings live: auto (Redis when masker_redis_url is set, else memory), "
             "memory, or redis.",
@@ -294,6 +300,8 @@ class AwsMasker:
         self.max_body = opts.masker_max_body
         self.namespace_scope = opts.masker_unmask_scope == "namespace"
         self.fail_open = opts.masker_fail_open
+        if self.body_masker is not None:
+            self.body_masker.mask_keys = opts.masker_json_keys
 
     def _configure_store(self, updated: set[str], first: bool) -> None:
         opts = ctx.options

@@ -109,6 +109,7 @@ class BodyMasker:
         self._value_context: dict[str, bytes] = {}  # JSON key -> b'"key": "' (keys repeat a lot)
         self._list_context: dict[bytes, bytes] = {}  # b'"key": [' -> b'"key": ["'
         self._glued = scanner.glued_pattern()  # "_" right before an ID's literal start: web_i-0abc…
+        self.mask_keys = False  # also JSON object keys (masker_json_keys)
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -266,6 +267,14 @@ class BodyMasker:
                 context = list_context.get(under, b"") if under else b""
                 if under and not context:
                     context = list_context[under] = under + b'"'
+            if in_dict and self.mask_keys:
+                for k in node:
+                    if isinstance(k, str):
+                        kb = k.encode("utf-8", "surrogatepass")
+                        hits, keys = self.scan_text(kb)
+                        if hits:
+                            segments.append(Segment(kb, hits, keys))
+                            slots.append((node, k, _as_key))
             for k, v in items:
                 if isinstance(v, str):
                     if in_dict:
@@ -299,8 +308,16 @@ class BodyMasker:
         def assemble(parts: list[bytes]) -> bytes:
             if not slots:
                 return content
+            renames: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
             for (node, k, wrap), part in zip(slots, parts, strict=True):
-                node[k] = part.decode("utf-8", "surrogatepass") if wrap is None else wrap(part)
+                if wrap is _as_key:  # a key: renamed below, once its value (if masked too) is in place
+                    renames.setdefault(id(node), (node, {}))[1][k] = part.decode("utf-8", "surrogatepass")
+                else:
+                    node[k] = part.decode("utf-8", "surrogatepass") if wrap is None else wrap(part)
+            for node, new_names in renames.values():
+                entries = list(node.items())
+                node.clear()
+                node.update((new_names.get(k, k), v) for k, v in entries)  # the order of the keys stays
             out = doc[0] if unwrap else doc
             return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
@@ -361,6 +378,10 @@ def _media_type(parent: dict[str, Any]) -> str:
     else:
         media = parent.get("mimeType", parent.get("mime_type"))
     return media if isinstance(media, str) else ""
+
+
+def _as_key(masked: bytes) -> str:  # marks a slot that is a JSON object key (masker_json_keys)
+    return masked.decode("utf-8", "surrogatepass")
 
 
 def _base64_wrapper(prefix: str) -> Callable[[bytes], str]:
