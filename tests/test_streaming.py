@@ -854,6 +854,18 @@ def test_plain_text_sse_data() -> None:
         assert "".join(d for _, d in parse_sse(out)) == "acct 123456789012 and AWS_x"
 
 
+def test_gemini_chunk_with_two_text_parts_of_one_candidate() -> None:
+    ph = NAMES["o4"]
+    chunk = {"candidates": [{"content": {"parts": [{"text": "see " + ph[:7]}, {"text": ph[7:] + " ok"}],
+                                         "role": "model"}, "index": 0}]}
+    last = {"candidates": [{"content": {"parts": [{"text": "."}], "role": "model"}, "index": 0,
+                            "finishReason": "STOP"}]}
+    src = (sse(None, chunk) + sse(None, last)).encode()
+    for piece in (None, 1, 5):
+        out, _, _ = run(src, piece)
+        assert client_text("gemini", parse_sse(out)) == "see " + ORIG_OF[ph] + " ok."
+
+
 def test_unknown_json_event_restored_in_place() -> None:
     ev = {"kind": "segment", "output": {"segments": [{"text": "acct AWS_ACCOUNT_0001 key " + NAMES["o8"]}]}}
     src = sse(None, ev).encode()

@@ -821,7 +821,6 @@ class StreamRestorer:
     def _gemini_chunk(self, ev: _Event, obj: dict[str, Any]) -> None:
         """Gemini (``streamGenerateContent?alt=sse``): one text channel per candidate (and one for its
         thoughts); other parts (function calls) arrive whole and are restored where they are."""
-        commits: list[tuple[Key, str, Any]] = []
         changed_any = False
         for cand in obj["candidates"]:
             if not isinstance(cand, dict):
@@ -840,7 +839,8 @@ class StreamRestorer:
                     if changed:
                         part["text"] = head  # held entirely: an empty text part, its text goes out later
                         changed_any = True
-                    commits.append((key, tail, ("gm", ci, thought)))
+                    # at once: a later part of the same channel in this chunk continues from this tail
+                    self._commit(key, TEXT, tail, ev, obj, ("gm", ci, thought))
                 elif isinstance(part, dict) and (ev.data or b"").find(b"AWS_") >= 0:
                     n = self._walk(part)
                     if n:
@@ -849,8 +849,6 @@ class StreamRestorer:
             if fin:  # held text of this candidate's other channel goes out before this chunk
                 self._flush(_gemini_match(ci, present), self._out)
         self._out.append(ev.build(_dumps(obj)) if changed_any else ev.raw)
-        for key, tail, info in commits:
-            self._commit(key, TEXT, tail, ev, obj, info)
 
     def _text_event(self, ev: _Event) -> None:
         """Data that is not JSON: one plain-text channel per event type, restored with hold-back."""
