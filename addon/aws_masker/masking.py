@@ -24,7 +24,8 @@ characters (``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) and ``\\uXXXX`` of char
 separator it stands for, and the hits of both scans are merged. So is an underscore glued to the start of an
 identifier (``web_i-0abc…``: the underscore is a word character). Text with percent-encoding (a URL:
 ``?prefix=AWSLogs%2F123456789012%2F``) is scanned decoded as well; such a hit covers the escapes of its
-characters, and its original is the encoded text.
+characters, and its original is the encoded text. Text sent as base64 (a ``text/plain`` document, a
+``data:text/csv;base64,`` URL) is decoded, masked and encoded again; binary media types are not decoded.
 """
 
 from __future__ import annotations
