@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aws_masker.masking import BodyMasker
+from aws_masker.masking import BodyMasker, UnreadableBody
 from aws_masker.placeholders import TOKEN_RE, format_placeholder, restore_bytes
 from aws_masker.rules import load_rules, parse_rule
 from aws_masker.scanner import Scanner
@@ -348,6 +348,64 @@ def test_json_nested_deeper_than_the_parser_allows_is_masked_as_text() -> None:
 
 def test_invalid_utf8_is_masked_bytewise() -> None:
     body = b"\xff\xfe broken \xc3 i-0123abcd \x80 arn:aws:iam::123456789012:role/DeployRole"
+    out, mapping = mask(body, "text/plain")
+    assert b"i-0123abcd" not in out and b"123456789012" not in out
+    assert restore_bytes(out, mapping)[0] == body
+
+
+TEXT = "instance i-0a1b2c3d4e5f60718 runs as arn:aws:iam::123456789012:role/DeployRole"
+
+
+@pytest.mark.parametrize(("ctype", "codec"), [
+    ("text/plain; charset=utf-16", "utf-16"),  # declared, with a byte order mark
+    ("text/plain; charset=UTF-16LE", "utf-16-le"),  # declared, without one
+    ('text/plain; charset="utf-32"', "utf-32"),
+    ("text/plain", "utf-16"),  # not declared: the byte order mark tells
+    ("text/plain", "utf-16-be"),  # neither: the zero bytes beside ASCII characters tell
+    ("", "utf-32"),
+    ("text/plain; charset=cp500", "cp500"),  # EBCDIC: no zero bytes, but no ASCII either
+    ("application/json; charset=utf-16", "utf-16"),
+    ("application/x-www-form-urlencoded; charset=utf-16", "utf-16"),
+])
+def test_bodies_in_charsets_that_do_not_write_ascii_as_ascii_are_masked(ctype: str, codec: str) -> None:
+    """A byte scan sees nothing in UTF-16 (i\\x00-\\x000\\x00...): such a body is read as text, masked and
+    written back in its own charset."""
+    if "json" in ctype:
+        text = json.dumps({"messages": [{"role": "user", "content": TEXT}]}, separators=(",", ":"))
+    elif "form" in ctype:
+        text = "q=" + quote_plus(TEXT)
+    else:
+        text = TEXT
+    out, mapping = mask(text.encode(codec), ctype)
+    masked = out.decode(codec)
+    for ident in IDENTIFYING[:1] + IDENTIFYING[2:4]:
+        assert ident not in masked
+    assert "AWS_EC2_INSTANCE_" in masked
+    restored, n = restore_bytes(masked.encode(), mapping)
+    assert n == 3 and restored.decode() == text
+
+
+def test_a_body_in_a_charset_that_cannot_be_read_is_refused() -> None:
+    with pytest.raises(UnreadableBody, match="unknown charset 'klingon'"):
+        MASKER.plan(b"i-0123abcd", "text/plain; charset=klingon")
+    with pytest.raises(UnreadableBody, match="unknown charset 'base64'"):  # a codec, but not of text
+        MASKER.plan(b"i-0123abcd", "text/plain; charset=base64")
+    with pytest.raises(UnreadableBody, match="not valid utf-16"):
+        MASKER.plan("i-0123abcd".encode("utf-16") + b"\x00\xd8", "text/plain; charset=utf-16")
+
+
+def test_identifiers_both_in_the_bytes_and_in_the_declared_charset_are_refused() -> None:
+    """An upstream may read the declared charset or ignore it: each reading holds an identifier, and one
+    body cannot be masked both ways."""
+    body = b"i-0123abcd  " + " i-89abcdef".encode("utf-16-le")
+    assert MASKER.plan(body, "text/plain").items == [("EC2_INSTANCE", b"i-0123abcd")]  # no charset: bytes
+    with pytest.raises(UnreadableBody, match="both as bytes and as utf-16-le text"):
+        MASKER.plan(body, "text/plain; charset=utf-16le")
+
+
+def test_a_wrong_guess_of_utf16_still_masks_the_bytes() -> None:
+    body = b"\xff\xfe" + b"log: i-0123abcd and arn:aws:iam::123456789012:role/DeployRole\n"  # FF FE: a BOM?
+    assert len(body) % 2 == 0  # decodes as UTF-16 (to nonsense) without an error
     out, mapping = mask(body, "text/plain")
     assert b"i-0123abcd" not in out and b"123456789012" not in out
     assert restore_bytes(out, mapping)[0] == body

@@ -257,6 +257,24 @@ def test_undecodable_body_is_refused_with_415(client, fake_upstream, encoding, b
     assert_blocked(r, 415, encoding, fake_upstream)
 
 
+def test_utf16_text_is_masked_in_its_charset_and_restored_in_the_reply(client, fake_upstream) -> None:
+    """A byte scan sees nothing in UTF-16; the body is read in its charset, and so is the echoed reply."""
+    text = ("instance i-0a1b2c3d4e5f60718 in sg-0123456789abcdef0 runs as "
+            "arn:aws:iam::123456789012:role/DeployRole")
+    ctype = "text/plain; charset=utf-16"
+    r = post_raw(client, fake_upstream, text.encode("utf-16"), **{"content-type": ctype})
+    assert r.status_code == 200
+    sent = fake_upstream.last_request.body.decode("utf-16")
+    assert "AWS_EC2_INSTANCE_" in sent and not [o for o in ORIGINALS if o in sent]
+    assert r.content.decode("utf-16") == text  # the echo, restored, in UTF-16 again
+
+
+def test_a_body_in_an_unknown_charset_is_refused_with_415(client, fake_upstream) -> None:
+    r = post_raw(client, fake_upstream, b"i-0a1b2c3d4e5f60718",
+                 **{"content-type": "text/plain; charset=x-mac-klingon"})
+    assert_blocked(r, 415, "unknown charset 'x-mac-klingon'", fake_upstream)
+
+
 def test_websocket_upgrade_is_refused_with_501(client, fake_upstream) -> None:
     """WebSocket messages (OpenAI Realtime, Gemini Live) would pass frame by frame, unmasked."""
     r = client.get(fake_upstream.url_for("/v1/realtime"), headers={

@@ -23,7 +23,7 @@ from .contentview import FlowMappings, install_view, uninstall_view
 from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .guard import GUARD
-from .masking import BodyMasker
+from .masking import BodyMasker, UnreadableBody, text_codec
 from .placeholders import PREFIX, TOKEN_RE, restore_bytes
 from .rules import RuleError, check_examples, load_rules, with_followed
 from .scanner import Scanner
@@ -545,7 +545,10 @@ class AwsMasker:
         if len(content) > limit:
             raise Blocked(413, f"decompressed request body of {len(content)} bytes is larger than "
                                f"masker_max_body ({limit} bytes)")
-        plan = self.body_masker.plan(content, req.headers.get("content-type", ""))
+        try:
+            plan = self.body_masker.plan(content, req.headers.get("content-type", ""))
+        except UnreadableBody as e:
+            raise Blocked(415, str(e)) from None
         if not plan.items:
             return FlowState({}, plan.rule_counts, 0, 0.0)
         if req.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"):
@@ -645,9 +648,20 @@ class AwsMasker:
                           content: bytes) -> None:
         resp = flow.response
         assert resp is not None
-        is_json = "json" in resp.headers.get("content-type", "").lower()
+        ctype = resp.headers.get("content-type", "")
+        is_json = "json" in ctype.lower()
         seen: Counter[bytes] = Counter()
-        restored, n = restore_bytes(content, mapping, seen, in_json=is_json)
+        codec = text_codec(content, ctype)
+        if codec is None:
+            restored, n = restore_bytes(content, mapping, seen, in_json=is_json)
+        else:  # UTF-16 and the like: placeholders are found in the text, which is written back as it came
+            try:
+                text = content.decode(codec).encode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                log.warning("aws-masker: reply is not valid %s; placeholders stay", codec)
+                return
+            restored, n = restore_bytes(text, mapping, seen, in_json=is_json)
+            restored = restored.decode("utf-8", "surrogatepass").encode(codec)
         if n:
             resp.content = restored
         state.restored += n

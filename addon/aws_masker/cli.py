@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .masking import BodyMasker, MaskPlan
+from .masking import BodyMasker, MaskPlan, UnreadableBody
 from .rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_rules, rule_files, with_followed
 from .scanner import Scanner
 from .store import MemoryStore
@@ -153,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout.buffer
     for name, content in inputs:
         t1 = time.perf_counter()
-        plan = masker.plan(content, ctype)
+        try:
+            plan = masker.plan(content, ctype)
+        except UnreadableBody as e:
+            return _fail(f"{'stdin' if name == '-' else name}: {e}")
         placeholders = store.lookup(plan.items)
         masked, _ = plan.render(placeholders)
         mask_ms += (time.perf_counter() - t1) * 1000

@@ -26,12 +26,16 @@ identifier (``web_i-0abc…``: the underscore is a word character). Text with pe
 ``?prefix=AWSLogs%2F123456789012%2F``) is scanned decoded as well; such a hit covers the escapes of its
 characters, and its original is the encoded text. Text sent as base64 (a ``text/plain`` document, a
 ``data:text/csv;base64,`` URL) is decoded, masked and encoded again; binary media types are not decoded.
+
+A body in a charset that does not write ASCII as ASCII bytes (UTF-16, UTF-32, EBCDIC) is decoded, masked as
+UTF-8 and encoded back; if its bytes read as they are also show identifiers, it is refused (UnreadableBody).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import re
 from bisect import bisect_left
@@ -204,9 +208,35 @@ class BodyMasker:
         return _merge([*inside, *zip(hits, keys, strict=True)])
 
     def plan(self, content: bytes, content_type: str = "") -> MaskPlan:
+        """Raises UnreadableBody for a body in a charset it cannot read, or one whose bytes and text in its
+        charset both hold identifiers."""
         if not content:
             return MaskPlan("empty", _assemble=lambda parts: content)
         ctype = content_type.lower()
+        codec, declared = _wide_codec(content, ctype)
+        if codec is None:
+            return self._plan_bytes(content, ctype)
+        # UTF-16 and the like: read as text, masked as UTF-8, written back in the charset it came in.
+        try:
+            text = content.decode(codec)
+        except UnicodeDecodeError as e:
+            if not declared:  # only a guess (a byte order mark, zero bytes) and a wrong one
+                return self._plan_bytes(content, ctype)
+            raise UnreadableBody(f"request body is not valid {codec} ({e.reason} at byte {e.start})") \
+                from None
+        wide = self._plan_bytes(text.encode("utf-8", "surrogatepass"), _CHARSET.sub("", ctype))
+        # An upstream may also ignore the charset and read the bytes: what they show must not leak either.
+        if not self.scan_text(content)[0]:
+            inner = wide._assemble
+            assert inner is not None
+            wide._assemble = lambda parts: inner(parts).decode("utf-8", "surrogatepass").encode(codec)
+            return wide
+        if not wide.items:
+            return self._plan_bytes(content, ctype)
+        raise UnreadableBody(f"request body holds identifiers both as bytes and as {codec} text; it cannot "
+                             "be masked both ways at once")
+
+    def _plan_bytes(self, content: bytes, ctype: str) -> MaskPlan:
         if "json" in ctype or (not ctype and content.lstrip()[:1] in (b"{", b"[")):
             plan = self._plan_json(content)
             if plan is not None:
@@ -343,6 +373,58 @@ class BodyMasker:
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
         return self._finish(MaskPlan("form", segments, _assemble=assemble))
+
+
+class UnreadableBody(ValueError):
+    """A body in a charset that cannot be read: it cannot be masked with certainty."""
+
+
+_CHARSET = re.compile(r';\s*charset\s*=\s*"?([^";\s]*)"?')
+# Identifiers and the words around them are ASCII: a charset that writes these as the same ASCII bytes
+# (UTF-8, Latin-1, Windows-125x, Shift JIS, ...) is scanned as bytes; any other is decoded first.
+_ASCII_PROBE = "AZaz09 \t\n\"'{}[]:,;=/\\-_.@%$&?#"
+_WIDE: dict[str, str | None] = {}  # charset as declared -> codec to decode with, None: scan the bytes
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before UTF-16's: FF FE 00 00
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _wide_codec(content: bytes, ctype: str) -> tuple[str | None, bool]:
+    """The codec of a body whose ASCII text is not ASCII bytes (UTF-16, UTF-32, EBCDIC, ...) — by the
+    Content-Type's charset, else by a UTF-16/32 byte order mark, else (a text/* body) by the zero bytes
+    UTF-16/32 put beside ASCII characters; None when the bytes can be scanned as they are. And whether the
+    charset was declared. Raises UnreadableBody for a charset Python does not know."""
+    m = _CHARSET.search(ctype) if "charset" in ctype else None
+    name = m.group(1) if m is not None else ""
+    if not name:
+        if content[:1] in (b"\xff", b"\xfe", b"\x00"):
+            for bom, by_bom in _BOMS:
+                if content.startswith(bom):
+                    return by_bom, False
+        if ctype.startswith("text/") and 0 in content[:4]:
+            guessed = json.detect_encoding(content[:4])  # UTF-16/32 without a byte order mark
+            return (None if guessed == "utf-8" else guessed), False
+        return None, False
+    if name in _WIDE:
+        return _WIDE[name], True
+    try:
+        found = codecs.lookup(name).name
+        codec = None if _ASCII_PROBE.encode(found) == _ASCII_PROBE.encode("ascii") else found
+    except LookupError:  # also a codec that is not a text encoding (base64, rot13)
+        raise UnreadableBody(f"request body in an unknown charset {name!r}") from None
+    except UnicodeError:  # a codec that cannot write even these characters: decode with it
+        codec = found
+    if len(_WIDE) < 64:
+        _WIDE[name] = codec
+    return codec, True
+
+
+def text_codec(content: bytes, content_type: str) -> str | None:
+    """For a reply: the codec its text must be decoded with before placeholders can be found in it (UTF-16
+    and the like, see ``_wide_codec``); None when they can be found in the bytes (or it cannot be told)."""
+    try:
+        return _wide_codec(content, content_type.lower())[0]
+    except UnreadableBody:
+        return None
 
 
 # Media types whose base64 payload is text worth scanning (documents, data: URLs); others (PDF, images) are
