@@ -208,6 +208,27 @@ def test_sigv4_signed_body_with_identifiers_is_not_rewritten(masker) -> None:
     clean = make_flow(hello, headers=signed)
     tctx.master.event_loop.run_until_complete(addon.request(clean))
     assert clean.response is None
+    # A Bedrock inference profile is invoked by its ARN in the (signed) path: not rewritten either.
+    by_arn = make_flow(hello, headers=signed)
+    by_arn.request.path = ("/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3A"
+                           "application-inference-profile%2Fa1b2c3d4e5f6/converse")
+    tctx.master.event_loop.run_until_complete(addon.request(by_arn))
+    assert by_arn.response is not None and by_arn.response.status_code == 400
+
+
+def test_identifiers_in_the_path_alone_are_masked_and_restored(masker) -> None:
+    addon, tctx = masker
+    f = make_flow(b"")
+    f.request.method = "GET"
+    f.request.path = "/v1/files?purpose=logs-of-i-0123456789abcdef0&n=1"
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is None and "i-0123456789abcdef0" not in f.request.path
+    placeholder = f.request.query["purpose"].removeprefix("logs-of-")
+    assert placeholder.startswith("AWS_EC2_INSTANCE_") and f.request.query["n"] == "1"
+    f.response = tutils.tresp(content=json.dumps({"data": [{"purpose": placeholder}]}).encode())
+    f.response.headers["content-type"] = "application/json"
+    tctx.master.event_loop.run_until_complete(addon.response(f))
+    assert json.loads(f.response.content) == {"data": [{"purpose": "i-0123456789abcdef0"}]}
 
 
 @pytest.mark.parametrize("env", ["development", "production"])

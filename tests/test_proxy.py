@@ -269,6 +269,21 @@ def test_utf16_text_is_masked_in_its_charset_and_restored_in_the_reply(client, f
     assert r.content.decode("utf-16") == text  # the echo, restored, in UTF-16 again
 
 
+def test_identifiers_in_the_url_are_masked_too(client, fake_upstream) -> None:
+    """The path and query string leave with the request as well (an ARN percent-encoded in a query)."""
+    query = ("?profile=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2FDeployRole&host=10.20.30.40"
+             "&x=sg-0123456789abcdef0")
+    body = b"ping 10.20.30.40 from the host in the query"
+    r = client.post(fake_upstream.url_for("/echo" + query), content=body,
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 200 and r.content == body  # the echo, restored
+    rec = fake_upstream.last_request
+    assert not [o for o in ORIGINALS if o in rec.path], rec.path
+    assert rec.route == "/echo" and "x=AWS_SECURITY_GROUP_" in rec.path
+    ip = re.search(rb"AWS_IPV4_\w+", rec.body)
+    assert ip is not None and f"host={ip.group().decode()}&" in rec.path  # one original, one placeholder
+
+
 def test_a_body_in_an_unknown_charset_is_refused_with_415(client, fake_upstream) -> None:
     r = post_raw(client, fake_upstream, b"i-0a1b2c3d4e5f60718",
                  **{"content-type": "text/plain; charset=x-mac-klingon"})

@@ -549,18 +549,40 @@ class AwsMasker:
             plan = self.body_masker.plan(content, req.headers.get("content-type", ""))
         except UnreadableBody as e:
             raise Blocked(415, str(e)) from None
-        if not plan.items:
+        # The URL leaves too (a query parameter, a resource in the path): scanned like text.
+        path = req.path.encode("utf-8", "surrogateescape")
+        path_hits, path_keys = self.body_masker.scan_text(path)
+        if not plan.items and not path_hits:
             return FlowState({}, plan.rule_counts, 0, 0.0)
+        count = plan.count + len(path_hits)
         if req.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"):
-            # SigV4 signs the body (Bedrock): a rewritten body fails the signature check upstream.
-            raise Blocked(400, f"request is SigV4-signed and holds {plan.count} identifier(s); a signed body "
+            # SigV4 signs the body and the path (Bedrock): a rewritten request fails the signature check.
+            raise Blocked(400, f"request is SigV4-signed and holds {count} identifier(s); a signed request "
                                "cannot be rewritten, so it is not forwarded")
-        placeholders = await self.store.placeholders_for(plan.items)
-        new_content, mapping = plan.render(placeholders)
-        req.content = new_content
+        items = plan.items
+        if path_hits:
+            known = set(items)
+            items = [*items, *(k for k in dict.fromkeys(path_keys) if k not in known)]
+        placeholders = await self.store.placeholders_for(items)
+        body_placeholders = placeholders[:len(plan.items)]
+        rules = plan.placeholder_rules(body_placeholders)
+        if plan.items:
+            new_content, mapping = plan.render(body_placeholders)
+            req.content = new_content
+        else:
+            mapping = {}
+        if path_hits:
+            by_key = dict(zip(items, placeholders, strict=True))
+            for h, key in zip(reversed(path_hits), reversed(path_keys), strict=True):
+                p = by_key[key]
+                path = path[:h.start] + p + path[h.end:]
+                mapping[p] = key[1]
+                rules.setdefault(p, h.rule)
+                plan.rule_counts[h.rule] += 1
+            req.path = path.decode("utf-8", "surrogateescape")
         if self.namespace_scope:
             self._remember(mapping)
-        return FlowState(mapping, plan.rule_counts, plan.count, 0.0, plan.placeholder_rules(placeholders))
+        return FlowState(mapping, plan.rule_counts, count, 0.0, rules)
 
     def _block(self, flow: http.HTTPFlow, blocked: Blocked) -> None:
         if self.fail_open:
@@ -651,17 +673,16 @@ class AwsMasker:
         ctype = resp.headers.get("content-type", "")
         is_json = "json" in ctype.lower()
         seen: Counter[bytes] = Counter()
-        codec = text_codec(content, ctype)
-        if codec is None:
-            restored, n = restore_bytes(content, mapping, seen, in_json=is_json)
-        else:  # UTF-16 and the like: placeholders are found in the text, which is written back as it came
+        restored, n = restore_bytes(content, mapping, seen, in_json=is_json)
+        codec = text_codec(content, ctype) if not n else None
+        if codec is not None:  # UTF-16 and the like: placeholders are in the text; written back as it came
             try:
                 text = content.decode(codec).encode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
-                log.warning("aws-masker: reply is not valid %s; placeholders stay", codec)
-                return
+                text = b""  # not that charset after all
             restored, n = restore_bytes(text, mapping, seen, in_json=is_json)
-            restored = restored.decode("utf-8", "surrogatepass").encode(codec)
+            if n:
+                restored = restored.decode("utf-8", "surrogatepass").encode(codec)
         if n:
             resp.content = restored
         state.restored += n
