@@ -31,7 +31,7 @@ from fake_upstream import (
     reply_parts,
     request_for,
 )
-from proxyproc import REPO
+from proxyproc import REPO, MitmProxyError
 from tlsutil import make_test_ca
 
 pytestmark = pytest.mark.mitm
@@ -312,6 +312,21 @@ def test_store_unavailable_is_refused_with_503(start_proxy, fake_upstream) -> No
         assert r.status_code == 200
     assert any("blocked" in line and "503" in line for line in proxy.log_lines)
     assert not any(o in line for line in proxy.log_lines for o in ORIGINALS)
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), [
+    ("masker_max_body", "8MB", "not an integer: 8MB"),
+    ("masker_fail_open", "maybe", 'boolean must be "true", "false"'),
+])
+def test_a_set_value_mitmproxy_cannot_convert_stops_the_proxy(start_proxy, fake_upstream, option, value,
+                                                               needle) -> None:
+    """mitmproxy converts a script's --set values after loading it and, when one fails, drops the script
+    without a word: the proxy would run on and forward everything unmasked. The addon stops it instead."""
+    with pytest.raises(MitmProxyError, match=r"exited") as e:
+        start_proxy(**masker_options(fake_upstream, **{option: value}))
+    out = str(e.value)
+    assert "aws-masker: not started" in out and option in out and needle in out, out
+    assert "code 1" in out
 
 
 def test_fail_open_forwards_unmasked_with_a_warning(start_proxy, fake_upstream) -> None:

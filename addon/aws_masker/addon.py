@@ -275,6 +275,26 @@ class AwsMasker:
             "production or development: how much detail logs carry (development adds placeholders "
             "and rule hits per flow). Originals never appear in logs in either.",
         )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # loaded outside an event loop (tests): nobody to check
+            return
+        loop.call_soon(self._check_configured)  # runs once mitmproxy is done loading the script
+
+    def _check_configured(self) -> None:
+        """mitmproxy converts a script's ``--set`` values after ``load()``; one it cannot convert
+        (``masker_max_body=8MB``, ``masker_fail_open=maybe``) makes it drop the script without a word,
+        leaving an addon that is never configured nor called: requests would leave unmasked. Say which
+        value is at fault, and stop the proxy."""
+        if self.scanner is not None or ctx.master.should_exit.is_set():
+            return
+        log.error("aws-masker: not started, so the proxy stops (it would forward requests unmasked): %s",
+                  "; ".join(_unreadable_options()) or "its options were never applied")
+        errorcheck = ctx.master.addons.get("errorcheck")
+        if errorcheck is not None:  # exits with status 1, as for any error logged during startup
+            self._tasks.add(asyncio.get_running_loop().create_task(errorcheck.shutdown_if_errored()))
+        else:
+            ctx.master.shutdown()
 
     def configure(self, updated: set[str]) -> None:
         first = self.scanner is None
@@ -741,6 +761,22 @@ class AwsMasker:
         self.flows.clear()
         uninstall_view(self.view_flows.get)
         self.view_flows.clear()
+
+
+def _unreadable_options() -> list[str]:
+    """Why each ``--set masker_…`` value mitmproxy has not applied cannot be read (its own message)."""
+    opts = ctx.options
+    out = []
+    for name, value in getattr(opts, "deferred", {}).items():
+        if not name.startswith("masker_"):
+            continue
+        try:
+            opts._parse_setval(opts._options[name], getattr(value, "val", value))
+        except exceptions.OptionsError as e:
+            out.append(str(e))
+        except Exception:  # mitmproxy's internals changed: still name the option
+            out.append(f"--set {name}: value not applied")
+    return out
 
 
 def _redact_url(url: str) -> str:
