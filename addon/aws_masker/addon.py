@@ -6,6 +6,7 @@ Hooks stay short; the work happens in rules/scanner/masking/store/streaming.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import ipaddress
 import logging
 import re
@@ -45,6 +46,7 @@ DEFAULT_HOSTS = (
     "openrouter.ai",
 )
 ENVS = ("production", "development")
+FORWARDED_UNMASKED = "aws_masker_fail_open"  # flow.metadata: masker_fail_open let this flow through
 TEXT_LOG_LIMIT = 1 << 20  # development: restored text of a streamed reply kept for mitmweb
 RECENT_LIMIT = 10_000  # namespace scope: placeholders kept for restoring streamed replies
 STORES = ("auto", "memory", "redis")
@@ -117,8 +119,10 @@ def _parse_hosts(entries: Sequence[str]) -> HostSet:
             ok = bool(_HOSTNAME.match(host)) and (port == "" or port.isdigit()) and not entry.endswith(":")
             ok = ok and (not wildcard or "." in host)  # *.com would mask every .com host
         if not ok or (port and not 0 < int(port) < 65536):
+            several = " (give one --set masker_hosts=… per host)" if "," in entry or " " in entry else ""
             raise exceptions.OptionsError(
-                f"masker_hosts: {raw!r} is not a host, host:port, *.domain (every subdomain) or [ipv6]:port")
+                f"masker_hosts: {raw!r} is not a host, host:port, *.domain (every subdomain) or "
+                f"[ipv6]:port{several}")
         if wildcard:
             if port:
                 suffix_ports.add(("." + host, int(port)))
@@ -182,9 +186,10 @@ class AwsMasker:
         install_view(self.view_flows.get)
         loader.add_option(
             "masker_hosts", Sequence[str], list(DEFAULT_HOSTS),
-            "Hosts (host, host:port, or *.domain for every subdomain of domain, e.g. *.openai.azure.com) "
-            "whose requests are masked and replies restored. Connections to every other host are tunnelled "
-            "without TLS interception and never modified.",
+            "Hosts (host on any port, host:port, [ipv6] or [ipv6]:port, or *.domain for every subdomain of "
+            "domain, e.g. *.openai.azure.com; one --set per host) whose requests are masked and replies "
+            "restored. Connections to every other host are tunnelled without TLS interception and never "
+            "modified.",
         )
         loader.add_option(
             "masker_rules", Sequence[str], [],
@@ -230,9 +235,10 @@ class AwsMasker:
         )
         loader.add_option(
             "masker_store_key", str, "",
-            "Secret (at least 16 characters), or the path of a file holding it, for the Redis store: keys "
-            "the HMAC of Redis key names and encrypts stored originals with AES-GCM. Without it originals "
-            "are stored as they are and the HMAC key is generated once and kept in Redis.",
+            "Secret (at least 16 characters), or the path of a file holding it (a value starting with /, ./, "
+            "../ or ~, or ending in .key, .pem, .txt or .secret, or naming an existing file), for the Redis "
+            "store: keys the HMAC of Redis key names and encrypts stored originals with AES-GCM. Without it "
+            "originals are stored as they are and the HMAC key is generated once and kept in Redis.",
         )
         loader.add_option(
             "masker_store_old_keys", Sequence[str], [],
@@ -272,8 +278,10 @@ class AwsMasker:
         )
         loader.add_option(
             "masker_env", str, "production",
-            "production or development: how much detail logs carry (development adds placeholders "
-            "and rule hits per flow). Originals never appear in logs in either.",
+            "production or development: how much detail logs, events and mitmweb carry. development adds "
+            "a log line per masked flow with its placeholders and rule hits, placeholders in events, and "
+            "the flow's placeholder -> original table in mitmweb's aws-masker view. Originals never appear "
+            "in logs or events in either.",
         )
         try:
             loop = asyncio.get_running_loop()
@@ -284,15 +292,25 @@ class AwsMasker:
     def _check_configured(self) -> None:
         """mitmproxy converts a script's ``--set`` values after ``load()``; one it cannot convert
         (``masker_max_body=8MB``, ``masker_fail_open=maybe``) makes it drop the script without a word,
-        leaving an addon that is never configured nor called: requests would leave unmasked. Say which
-        value is at fault, and stop the proxy."""
-        if self.scanner is not None or ctx.master.should_exit.is_set():
+        leaving an addon that is never configured nor called: requests would leave unmasked. A misspelt
+        name (``masker_host=…``) it keeps aside, also without a word. Say which value or name is at fault,
+        and stop the proxy."""
+        if ctx.master.should_exit.is_set():
             return
-        log.error("aws-masker: not started, so the proxy stops (it would forward requests unmasked): %s",
-                  "; ".join(_unreadable_options()) or "its options were never applied")
+        if self.scanner is not None:
+            unknown = _unknown_options()  # mitmproxy keeps a misspelt --set name aside without a word
+            if not unknown:
+                return
+            log.error("aws-masker: %s; the proxy stops (a misspelt masker_hosts or masker_rules would leave "
+                      "identifiers unmasked)", "; ".join(unknown))
+        else:
+            log.error("aws-masker: not started, so the proxy stops (it would forward requests unmasked): %s",
+                      "; ".join(_unreadable_options()) or "its options were never applied")
         errorcheck = ctx.master.addons.get("errorcheck")
         if errorcheck is not None:  # exits with status 1, as for any error logged during startup
-            self._tasks.add(asyncio.get_running_loop().create_task(errorcheck.shutdown_if_errored()))
+            task = asyncio.get_running_loop().create_task(errorcheck.shutdown_if_errored())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             ctx.master.shutdown()
 
@@ -310,6 +328,12 @@ class AwsMasker:
                 f"masker_max_body: {ctx.options.masker_max_body} must be a positive number of bytes")
         if "masker_hosts" in updated:
             self.hosts = _parse_hosts(ctx.options.masker_hosts)
+            hosts = [h.strip() for h in ctx.options.masker_hosts if h.strip()]
+            if hosts:
+                log.info("aws-masker: masking requests to %s", ", ".join(hosts))
+            else:
+                log.warning("aws-masker: masker_hosts is empty: nothing is masked, every connection is "
+                            "tunnelled")
             if GUARD.masker is self:
                 GUARD.hosts = self.hosts
         if "masker_rules" in updated:
@@ -339,6 +363,9 @@ class AwsMasker:
             kind = "redis" if opts.masker_redis_url else "memory"
         if kind == "memory":
             new_store: Store = MemoryStore(opts.masker_max_entries, opts.masker_ttl)
+            if opts.masker_store_key or opts.masker_store_old_keys:
+                log.warning("aws-masker: masker_store_key / masker_store_old_keys apply to the Redis store "
+                            "only; the memory store ignores them (set masker_redis_url)")
         else:
             new_store = self._make_redis_store()
         old, self.store = self.store, new_store
@@ -416,6 +443,18 @@ class AwsMasker:
         if self.events is not None:
             self.events.start()
         GUARD.arm(self)  # from now on, unloading this addon (a failed script reload) blocks, not leaks
+        if self.redis is not None:
+            task = asyncio.get_running_loop().create_task(self._probe_redis())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _probe_redis(self) -> None:
+        """Say at startup when Redis does not answer (the store reconnects by itself, request by request)."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), 2.0)
+        except Exception as e:
+            log.warning("aws-masker: Redis at %s does not answer (%s): requests with identifiers are refused "
+                        "(503) until it does", _redact_url(self._redis_url), type(e).__name__)
 
     def _emit(self, event: dict[str, Any]) -> None:
         if self.events is not None:
@@ -486,7 +525,7 @@ class AwsMasker:
                                            f"({self.max_body} bytes)"))
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not self._ours(flow):
+        if flow.response is not None or not self._ours(flow) or flow.metadata.get(FORWARDED_UNMASKED):
             return
         started = time.perf_counter()
         try:
@@ -535,7 +574,9 @@ class AwsMasker:
 
     def _safe_path(self, flow: http.HTTPFlow) -> str:
         """The request path for logs and events: no query string, identifiers in it replaced by ***."""
-        path = flow.request.path.split("?", 1)[0]
+        return self._scrubbed(flow.request.path.split("?", 1)[0])
+
+    def _scrubbed(self, path: str) -> str:
         if self.body_masker is None:
             return path
         data = path.encode("utf-8", "surrogateescape")
@@ -606,6 +647,9 @@ class AwsMasker:
 
     def _block(self, flow: http.HTTPFlow, blocked: Blocked) -> None:
         if self.fail_open:
+            if flow.metadata.get(FORWARDED_UNMASKED):
+                return  # refused in requestheaders already (too large): warned about once
+            flow.metadata[FORWARDED_UNMASKED] = True
             self.fail_open_count += 1
             log.warning("aws-masker: FAIL-OPEN: forwarding %s %s%s UNMASKED (%d so far): %s",
                         flow.request.method, flow.request.pretty_host, self._safe_path(flow),
@@ -613,6 +657,9 @@ class AwsMasker:
             return
         flow.response = error_response(blocked.status, blocked.reason)  # first: nothing below may undo it
         flow.marked = ":no_entry:"
+        scrubbed = self._scrubbed(flow.request.path)  # mitmdump logs the URL of every flow: not an original
+        if scrubbed != flow.request.path:
+            flow.request.path = scrubbed
         flow.comment = f"aws-masker: blocked ({blocked.status}): {blocked.reason}"
         log.warning("aws-masker: blocked %s %s%s with %d: %s", flow.request.method, flow.request.pretty_host,
                     self._safe_path(flow), blocked.status, blocked.reason)
@@ -776,6 +823,18 @@ def _unreadable_options() -> list[str]:
             out.append(str(e))
         except Exception:  # mitmproxy's internals changed: still name the option
             out.append(f"--set {name}: value not applied")
+    return out
+
+
+def _unknown_options() -> list[str]:
+    """A message for each ``--set masker_…`` name that is not an option (with the closest that is)."""
+    opts = ctx.options
+    ours = [name for name in opts.keys() if name.startswith("masker_")]
+    out = []
+    for name in getattr(opts, "deferred", {}):
+        if name.startswith("masker_") and name not in ours:
+            close = difflib.get_close_matches(name, ours, n=1)
+            out.append(f"unknown option --set {name}" + (f" (did you mean {close[0]}?)" if close else ""))
     return out
 
 

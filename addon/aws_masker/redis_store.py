@@ -158,7 +158,8 @@ def keys_from_secret(secret: str) -> tuple[bytes, bytes]:
     """``(hmac_key, enc_key)``: two independent 32-byte keys derived from ``secret`` with HKDF-SHA256."""
     raw = secret.encode()
     if len(raw) < MIN_SECRET_LEN:
-        raise ValueError(f"store secret too short (need at least {MIN_SECRET_LEN} bytes)")
+        raise ValueError(f"store secret too short (need at least {MIN_SECRET_LEN} bytes; if you meant a "
+                         "file, write its path as ./name or in full)")
 
     def derive(info: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"aws-masker store v1", info=info).derive(raw)
@@ -169,11 +170,13 @@ def keys_from_secret(secret: str) -> tuple[bytes, bytes]:
 def load_store_key(value: str) -> str:
     """The store secret: ``value`` itself, or the content of the file it names (surrounding blanks removed).
 
-    A value starting with ``/``, ``./``, ``../`` or ``~`` is always a path: a mistyped path is an error,
-    never silently used as the secret.
+    A value starting with ``/``, ``./``, ``../`` or ``~``, or ending like a key file's name (``.key``,
+    ``.pem``, ``.txt``, ``.secret``), is always a path: a mistyped path is an error, never silently used as
+    the secret.
     """
     value = value.strip()
-    looks_like_path = value.startswith(("/", "./", "../", "~"))
+    looks_like_path = value.startswith(("/", "./", "../", "~")) or \
+        value.lower().endswith((".key", ".pem", ".txt", ".secret"))
     path = os.path.expanduser(value)
     if looks_like_path or os.path.isfile(path):
         try:
