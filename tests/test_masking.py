@@ -411,6 +411,26 @@ def test_a_wrong_guess_of_utf16_still_masks_the_bytes() -> None:
     assert restore_bytes(out, mapping)[0] == body
 
 
+@pytest.mark.parametrize(("body", "ctype", "secret"), [
+    (b'{"Destination": {"Bucket": "arn:aws:s3:::dest-bucket-aaa"}}', "application/json",
+     [b"dest-bucket-aaa"]),
+    (b"aws s3api get-object --bucket arn:aws:s3:us-west-2:123456789012:accesspoint/my-ap --key k out",
+     "text/plain", [b"123456789012", b"my-ap"]),
+    (b'bucket = "arn:aws:s3:::dest-bucket-aaa"', "text/plain", [b"dest-bucket-aaa"]),
+    (b'{"RoleName": "arn:aws:iam::123456789012:role/DeployRole"}', "application/json",
+     [b"123456789012", b"DeployRole"]),
+])
+def test_an_arn_as_the_value_of_a_name_field_is_masked_whole(body: bytes, ctype: str,
+                                                             secret: list[bytes]) -> None:
+    """A field rule (Bucket, RoleName, LogGroupName) must not take the first word of an ARN as the name:
+    it would win over the ARN rule (it starts earlier) and leave the account and the name unmasked."""
+    out, mapping = mask(body, ctype)
+    assert not [s for s in secret if s in out], out
+    assert b'"arn:aws:' in out or b" arn:aws:" in out  # the ARN's structure stays readable
+    restored = restore_bytes(out, mapping, in_json="json" in ctype)[0]
+    assert (json.loads(restored) == json.loads(body)) if "json" in ctype else restored == body
+
+
 def test_json_escapes_around_identifiers() -> None:
     doc = {"text": "line1\ni-0123abcd\t\"i-89abcdef\"\\é i-0a1b2c3d4e5f60718"}
     for ensure_ascii in (True, False):

@@ -359,7 +359,7 @@ def test_keys_from_secret_and_load_store_key(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="cannot read"):
         load_store_key(str(tmp_path / "missing"))
     # A bare file name that is not there (run from another folder) is a missing file, not the secret.
-    with pytest.raises(ValueError, match="cannot read store key file new-long-enough-name.key"):
+    with pytest.raises(ValueError, match=r"cannot read store key file new-long-enough-name\.key"):
         load_store_key("new-long-enough-name.key")
     with pytest.raises(ValueError, match="if you meant a file"):
         keys_from_secret("new.ky")
