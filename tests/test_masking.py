@@ -431,6 +431,47 @@ def test_an_arn_as_the_value_of_a_name_field_is_masked_whole(body: bytes, ctype:
     assert (json.loads(restored) == json.loads(body)) if "json" in ctype else restored == body
 
 
+@pytest.mark.parametrize(("name", "body", "ctype", "secret"), [
+    # JSON inside a JSON string (a CloudTrail policyDocument, a tool call's arguments): \" around the keys
+    ("escaped quotes, list of principals",
+     b'{"content":"{\\"policyDocument\\":\\"{\\\\\\"AWS\\\\\\":[\\\\\\"arn:aws:iam::111122223333:root\\\\\\",'
+     b'\\\\\\"444455556666\\\\\\"]}\\"}"}', "application/json", [b"111122223333", b"444455556666"]),
+    ("escaped quotes, field", b'{\\"RoleName\\": \\"DeployerRoleX\\"}', "text/plain", [b"DeployerRoleX"]),
+    ("escaped quotes, list", b'{\\"accountIds\\": [\\"111111111111\\", \\"222222222222\\"]}', "text/plain",
+     [b"111111111111", b"222222222222"]),
+    ("escaped newlines, YAML list", b'"account_ids:\\n  - 444444444441\\n  - 444444444442\\n"', "text/plain",
+     [b"444444444441", b"444444444442"]),
+    # \/ (PHP, .NET) inside an ARN and an S3 URI
+    ("escaped slash, ARN", b'{"c":"{\\"Arn\\":\\"arn:aws:iam::123456789012:role\\\\/AdminRoleXyz\\"}"}',
+     "application/json", [b"123456789012", b"AdminRoleXyz"]),
+    ("escaped slash, S3 URI", b'{"c":"{\\"uri\\":\\"s3:\\\\/\\\\/acme-ledger-dev\\\\/raw\\\\/\\"}"}',
+     "application/json", [b"acme-ledger-dev"]),
+    # \u00XX of ASCII punctuation (Go: \u003c \u003e \u0026, .NET: \u0022, Gson: \u003d)
+    ("escaped ASCII",
+     b'{"content":"{\\"out\\":\\"\\\\u0022i-0123456789abcdef0\\\\u0022 \\\\u003c10.0.1.5\\\\u003e\\"}"}',
+     "application/json", [b"i-0123456789abcdef0", b"10.0.1.5"]),
+    # terminal colours (grep --color, loggers) end in a letter: no word boundary before the ID
+    ("ANSI colours", b"health check failed for \x1b[01;31m\x1b[Ki-0123456789abcdef0\x1b[m\x1b[K",
+     "text/plain", [b"i-0123456789abcdef0"]),
+    ("ANSI colours, JSON-escaped",
+     b'{"content":"\\u001b[35marn:aws:iam::123456789012:role/AdminRoleXyz\\u001b[0m"}', "application/json",
+     [b"123456789012", b"AdminRoleXyz"]),
+    # Claude Code's Read tool shows files with a line-number gutter
+    ("line-number gutter", "     1\u2192AWS:\n     2\u2192  - arn:aws:iam::111122223333:user/alice\n"
+     "     3\u2192  - 444455556666\n".encode(), "text/plain", [b"111122223333", b"444455556666"]),
+    ("no-break space after a label", "Account ID:\u00a0123456789012".encode(), "text/plain",
+     [b"123456789012"]),
+    ("no-break space, JSON value", json.dumps({"note": "Account ID:\u00a0123456789012"}).encode(),
+     "application/json", [b"123456789012"]),
+])
+def test_identifiers_behind_escapes_colours_and_gutters_are_masked(name: str, body: bytes, ctype: str,
+                                                                  secret: list[bytes]) -> None:
+    out, mapping = mask(body, ctype)
+    assert not [s for s in secret if s in out], out
+    restored = restore_bytes(out, mapping, in_json="json" in ctype)[0]
+    assert (json.loads(restored) == json.loads(body)) if "json" in ctype else restored == body
+
+
 def test_json_escapes_around_identifiers() -> None:
     doc = {"text": "line1\ni-0123abcd\t\"i-89abcdef\"\\é i-0a1b2c3d4e5f60718"}
     for ensure_ascii in (True, False):

@@ -36,12 +36,15 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import hashlib
 import json
+import operator
 import re
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
@@ -97,15 +100,22 @@ class MaskPlan:
         return self._assemble(rendered), mapping
 
 
-# Escapes that stand for separators: \n, \t, ... as JSON (and C, and Python) write them, and \uXXXX of a
-# character that is not ASCII (json.dumps writes every one so by default: “i-0abc…” becomes \u201ci-0abc…)
-_ESCAPED_CONTROL = re.compile(rb"\\(?:[ntrbf]|u(?!00[0-7])[0-9a-fA-F]{4})")
-_ESCAPED_UNICODE = re.compile(rb"\\u(?!00[0-7])[0-9a-fA-F]{4}")
-_ESCAPED_SHORT = re.compile(rb"\\[ntrbf]")
+# Backslash escapes as JSON (and C, and Python) write them: \n before an ID, \" around a key, \/ inside an
+# ARN, \u201c or \u0022 before an ID (json.dumps writes every non-ASCII character so; Go, Gson and .NET
+# escape ASCII punctuation too).
+_BACKSLASH_ESCAPE = re.compile(rb'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_SHORT_ESCAPES = {b'"': b'"', b"\\": b"\\", b"/": b"/", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r",
+                  b"t": b"\t"}
+# What sits between words and hides the boundary before an ID, read as blanks of the same length: terminal
+# colours (grep --color, loggers: ESC[01;31m ends in a letter), a no-break space after a label (copied from
+# a web page), the line-number gutter of a file as Claude Code's Read tool shows it ("    12→").
+_BLANKS = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]{0,256}(?:\x07|\x1b\\)|\xc2\xa0|"
+                     rb"(?m:^[ \t]*[0-9]+\xe2\x86\x92)")
 _PERCENT = re.compile(rb"%[0-9A-Fa-f]{2}")  # what unquote_to_bytes decodes
 CONTEXT_VALUE_MAX = 1024  # string values up to this long are scanned after their key
 CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
 CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
+UNESCAPED_ENTRIES = 4096  # texts whose escapes were decoded and scanned, remembered with their hits
 
 
 class BodyMasker:
@@ -115,6 +125,8 @@ class BodyMasker:
         self._list_context: dict[bytes, bytes] = {}  # b'"key": [' -> b'"key": ["'
         self._glued = scanner.glued_pattern()  # "_" right before an ID's literal start: web_i-0abc…
         self.mask_keys = False  # also JSON object keys (masker_json_keys)
+        # what _unescaped found, by text (short) or 128-bit hash (long)
+        self._unescaped_seen: dict[bytes, list[tuple[Hit, Key]]] = {}
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -136,9 +148,11 @@ class BodyMasker:
         is one more scan (remembered like any other); most texts need none."""
         found: list[tuple[Hit, Key]] = []
         have = set(hits)
-        if 0x5C in data and _ESCAPED_CONTROL.search(data):  # 0x5C: a backslash (an int needle: fast)
-            # Same length: "\\n" becomes "\\ ", so every offset holds; the originals are taken from data.
-            alt = _ESCAPED_UNICODE.sub(rb"\\     ", _ESCAPED_SHORT.sub(rb"\\ ", data))
+        if 0x5C in data and _BACKSLASH_ESCAPE.search(data):  # 0x5C: a backslash (an int needle: fast)
+            found += self._unescaped(data, have)
+        if 0x1B in data or (0xC2 in data and data.find(b"\xc2\xa0") >= 0) or \
+                (0xE2 in data and data.find(b"\xe2\x86\x92") >= 0):  # int needles first: memchr
+            alt = self._blanked(data)  # same length: every offset holds; the originals are taken from data
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
         if 0x25 in data or (0x24 in data and data.find(b"$25") >= 0):  # "%", or the console's "$25"
             found += self._percent_encoded(data, have)
@@ -148,6 +162,55 @@ class BodyMasker:
         if not found:
             return hits, keys
         return _merge([*zip(hits, keys, strict=True), *found])
+
+    def _blanked(self, data: bytes) -> bytes:
+        """``data`` with terminal colours, no-break spaces and line-number gutters as blanks, and an
+        underscore glued to an identifier as a space (same length)."""
+        alt = _BLANKS.sub(_blank, data) if 0x1B in data or 0xC2 in data or 0xE2 in data else data
+        if self._glued is not None and 0x5F in alt:
+            alt = self._glued.sub(b" ", alt)
+        return alt
+
+    def _unescaped(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
+        """Hits in ``data`` with its backslash escapes decoded (up to three times: JSON inside a JSON string
+        inside a JSON string), as spans of ``data``: a hit covers the escapes of its characters, and its
+        original is the escaped text. Remembered: decoding costs ~0.5 µs per escape, and a conversation
+        sends the same texts again with every turn."""
+        key = data if len(data) < 512 else hashlib.blake2b(data, digest_size=16).digest()
+        found = self._unescaped_seen.get(key)
+        if found is None:
+            found = self._unescaped_scan(data, hits)
+            if len(self._unescaped_seen) >= UNESCAPED_ENTRIES:
+                self._unescaped_seen.clear()  # refills with what still comes
+            self._unescaped_seen[key] = found
+        return found
+
+    def _unescaped_scan(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
+        rounds: list[tuple[list[int], list[int]]] = []  # per decoding: where escapes land, shift after each
+        decoded = data
+        for _ in range(3):
+            once = _unescape_once(decoded)
+            if once is None:
+                break
+            decoded, landed, shifts = once
+            rounds.append((landed, shifts))
+            if 0x5C not in decoded:
+                break
+        if not rounds:
+            return []
+        decoded = self._blanked(decoded)
+        out = []
+        for h in self.scanner.remembered(decoded)[0]:
+            s, e = h[0], h[1]
+            for landed, shifts in reversed(rounds):  # back through each decoding, innermost first
+                i = bisect_left(landed, s)
+                s += shifts[i - 1] if i else 0
+                i = bisect_left(landed, e)
+                e += shifts[i - 1] if i else 0
+            hit = Hit(s, e, h[2], h[3])
+            if hit not in hits:
+                out.append((hit, (h[2], data[s:e])))
+        return out
 
     def _percent_encoded(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
         """Hits in ``data`` percent-decoded (a URL: ``prefix=AWSLogs%2F123456789012%2F``; up to three times,
@@ -188,7 +251,7 @@ class BodyMasker:
             return self.scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
-        if 0x5C in value or 0x25 in value or 0x5F in value or 0x24 in value:  # "\\", "%", "_", "$"
+        if _may_hide(value):
             return self._with_decodings(value, hits, keys)
         return hits, keys
 
@@ -321,7 +384,8 @@ class BodyMasker:
                                 slots.append((node, k, _base64_wrapper(prefix)))
                             continue
                     if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
-                            or (0x5F in b and glued is not None and glued(b))):  # escapes, "%", "$25", "_"
+                            or 0x1B in b or 0xC2 in b or 0xE2 in b  # escapes, "%", "$25", ESC, NBSP, "→"
+                            or (0x5F in b and glued is not None and glued(b))):  # "_" glued to an ID
                         hits, keys = scan(b, context)
                     else:  # inline: most values are short and hold nothing
                         chits, ckeys = remembered(context + b)
@@ -469,6 +533,43 @@ def _as_key(masked: bytes) -> str:  # marks a slot that is a JSON object key (ma
 
 def _base64_wrapper(prefix: str) -> Callable[[bytes], str]:
     return lambda masked: prefix + base64.b64encode(masked).decode("ascii")
+
+
+def _unescape_once(data: bytes) -> tuple[bytes, list[int], list[int]] | None:
+    """``data`` with its backslash escapes decoded, where the character of each escape lands in it, and how
+    far the text after each escape moved (the bytes it lost, summed); None without escapes. Lists are built
+    in C (a text of JSON holds thousands of escaped quotes)."""
+    pieces = _BACKSLASH_ESCAPE.split(data)  # text, \u code or None, short escape or None, text, ...
+    if len(pieces) == 1:
+        return None
+    texts = pieces[0::3]
+    codes = pieces[1::3]
+    chars: list[Any] = list(map(_SHORT_ESCAPES.get, pieces[2::3]))  # None where the escape is \uXXXX
+    raw = [2] * len(chars)
+    if any(codes):
+        for k, code in enumerate(codes):
+            if code is not None:
+                chars[k] = chr(int(code, 16)).encode("utf-8", "surrogatepass")
+                raw[k] = 6
+    parts: list[bytes] = [b""] * (len(texts) + len(chars))
+    parts[0::2] = texts
+    parts[1::2] = chars
+    char_lens = list(map(len, chars))
+    # escape k lands after texts 0..k and chars 0..k-1
+    landed = list(map(operator.add, accumulate(map(len, texts[:-1])), accumulate(char_lens, initial=0)))
+    shifts = list(accumulate(map(operator.sub, raw, char_lens)))
+    return b"".join(parts), landed, shifts
+
+
+def _may_hide(value: bytes) -> bool:
+    """Whether ``value`` has a byte of what ``_with_decodings`` reads: a backslash, "%", "_", "$" (the
+    console's $25), ESC, or the first byte of a no-break space or of "→" (int needles: fast)."""
+    return (0x5C in value or 0x25 in value or 0x5F in value or 0x24 in value or 0x1B in value
+            or 0xC2 in value or 0xE2 in value)
+
+
+def _blank(m: re.Match[bytes]) -> bytes:
+    return b" " * (m.end() - m.start())
 
 
 def _merge(found: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
