@@ -550,7 +550,7 @@ class AwsMasker:
         self.flows[flow.id] = state
         flow.request.anticomp()
         dev = self.dev
-        if self.events is not None or (dev and state.masked):
+        if not state.safe_path and (self.events is not None or (dev and state.masked)):
             state.safe_path = self._safe_path(flow)  # scrubbed once, for the log line and both events
         if state.masked:
             flow.comment = "aws-masker: masked " + _summary(state.rule_counts)
@@ -632,18 +632,23 @@ class AwsMasker:
             req.content = new_content
         else:
             mapping = {}
+        safe_path = ""
         if path_hits:
             by_key = dict(zip(items, placeholders, strict=True))
+            scrubbed = path
             for h, key in zip(reversed(path_hits), reversed(path_keys), strict=True):
                 p = by_key[key]
                 path = path[:h.start] + p + path[h.end:]
+                scrubbed = scrubbed[:h.start] + b"***" + scrubbed[h.end:]
                 mapping[p] = key[1]
                 rules.setdefault(p, h.rule)
                 plan.rule_counts[h.rule] += 1
             req.path = path.decode("utf-8", "surrogateescape")
+            # for logs and events, as _safe_path would have written the original path
+            safe_path = scrubbed.split(b"?", 1)[0].decode("utf-8", "replace")
         if self.namespace_scope:
             self._remember(mapping)
-        return FlowState(mapping, plan.rule_counts, count, 0.0, rules)
+        return FlowState(mapping, plan.rule_counts, count, 0.0, rules, safe_path=safe_path)
 
     def _block(self, flow: http.HTTPFlow, blocked: Blocked) -> None:
         if self.fail_open:
