@@ -874,6 +874,51 @@ def test_unknown_json_event_restored_in_place() -> None:
     assert got["output"]["segments"][0]["text"] == "acct 123456789012 key " + ORIG_OF[NAMES["o8"]]
 
 
+def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+    return sse(None, {"id": "c", "object": "chat.completion.chunk",
+                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def test_chat_empty_finish_reason_is_not_the_end() -> None:
+    """Some OpenAI-compatible servers send "finish_reason": "" on every chunk: hold-back must stay on."""
+    ph = NAMES["o4"]
+    src = (chat_chunk({"content": "see " + ph[:7]}, "") + chat_chunk({"content": ph[7:] + " ok"}, "")
+           + chat_chunk({}, "stop") + "data: [DONE]\n\n").encode()
+    for piece in (None, 1, 7):
+        out, _, _ = run(src, piece)
+        assert client_text("chat", parse_sse(out)) == "see " + ORIG_OF[ph] + " ok"
+
+
+@pytest.mark.parametrize("delta", [
+    {"function_call": {"name": "lookup", "arguments": json.dumps({"id": "AWS_ACCOUNT_0001"})}},  # legacy
+    {"audio": {"id": "a1", "transcript": "Account AWS_ACCOUNT_0001"}},
+    {"reasoning_details": [{"type": "reasoning.text", "text": "use AWS_ACCOUNT_0001"}]},  # OpenRouter
+    {"content": [{"type": "text", "text": "AWS_ACCOUNT_0001"}]},  # content as parts
+    {"tool_calls": [{"index": 0, "id": "AWS_ACCOUNT_0001", "function": {"arguments": ""}}]},
+])
+def test_chat_placeholders_in_other_delta_fields_are_restored(delta: dict[str, Any]) -> None:
+    src = (chat_chunk(delta) + chat_chunk({}, "stop") + "data: [DONE]\n\n").encode()
+    out, _, r = run(src, 5)
+    first = json.loads(parse_sse(out)[0][1])["choices"][0]["delta"]
+    assert "AWS_ACCOUNT_0001" not in json.dumps(first) and "123456789012" in json.dumps(first)
+    assert r.restored == 1
+
+
+@pytest.mark.parametrize("provider", ["chat", "gemini"])
+def test_held_text_goes_out_before_an_error_event(provider: str) -> None:
+    """OpenAI's and Gemini's mid-stream {"error": ...}: SDKs raise on it and never read what follows."""
+    if provider == "chat":
+        first = chat_chunk({"content": "Deploy to USA"})
+    else:
+        first = sse(None, {"candidates": [{"content": {"parts": [{"text": "Region: USA"}], "role": "model"},
+                                           "index": 0}]})
+    src = (first + sse(None, {"error": {"message": "overloaded", "code": 503}})).encode()
+    out, _, _ = run(src)
+    events = parse_sse(out)
+    assert "error" in json.loads(events[-1][1])
+    assert client_text(provider, events[:-1]).endswith("USA")
+
+
 # ------------------------------------------------------------------------------------ many identifiers
 
 

@@ -64,6 +64,8 @@ _AN_DELTAS = {
 }
 _CC_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 _CC_DROPPABLE_KEYS = frozenset({*_CC_TEXT_FIELDS, "tool_calls", "role"})
+_CC_TEXT_KEYS = frozenset(_CC_TEXT_FIELDS)  # a delta's text channels (when they are strings)
+_NO_KEYS: frozenset[str] = frozenset()
 # Responses API delta events: type -> (name of the sub index, kind).
 _RS_DELTAS = {
     "response.output_text.delta": ("content_index", TEXT),
@@ -621,7 +623,9 @@ class StreamRestorer:
         elif t in ("content_block_stop", "content_block_start"):
             self._flush(lambda k: k[0] == "an" and k[1] == obj.get("index"), out)
             self._generic(ev)
-        elif t in ("message_delta", "message_stop", "error"):
+        elif t in ("message_delta", "message_stop", "error") or (t is None and "error" in obj):
+            # an error mid-stream (OpenAI's and Gemini's {"error": …} too): SDKs raise on it, so what is
+            # held goes out first
             self._flush(None, out)
             self._generic(ev)
         else:
@@ -730,8 +734,24 @@ class StreamRestorer:
             )
         self._walk_event(ev, obj)
 
+    def _walk_skipping(self, o: dict[str, Any], strings: frozenset[str], container: str) -> int:
+        """``_walk`` of a dict but for the string values under ``strings`` and the value under ``container``
+        (channels of their own, handled apart)."""
+        n = 0
+        for k, v in o.items():
+            if isinstance(v, str):
+                if k not in strings and "AWS_" in v and k not in _OPAQUE_KEYS:
+                    new, c = self._restore_str(v, DOC if k in _DOC_KEYS else TEXT)
+                    if c:
+                        o[k] = new
+                        n += c
+            elif isinstance(v, (dict, list)) and k != container:
+                n += self._walk(v)
+        return n
+
     def _chat_chunk(self, ev: _Event, obj: dict[str, Any]) -> None:
         choices = obj["choices"]
+        has_token = (ev.data or b"").find(b"AWS_") >= 0
         commits: list[tuple[Key, int, str, Any]] = []
         changed_any = False
         kept: list[Any] = []
@@ -741,7 +761,7 @@ class StreamRestorer:
                 kept.append(choice)
                 continue
             ci = choice.get("index", 0)
-            fin = choice.get("finish_reason") is not None
+            fin = bool(choice.get("finish_reason"))  # some servers send "" on every chunk: not finished
             delta = choice.get("delta")
             emptied = False
             nonempty = False
@@ -781,6 +801,18 @@ class StreamRestorer:
                         emptied |= not head
                         nonempty |= bool(head)
                         commits.append((key, DOC, tail, ("cc", ci, "tool", ti)))
+            if isinstance(delta, dict) and has_token:
+                # Whole placeholders anywhere else in the delta (the legacy function_call, audio transcripts,
+                # OpenRouter's reasoning_details, content as a list of parts) are restored where they are.
+                n = self._walk_skipping(delta, _CC_TEXT_KEYS, "tool_calls")
+                for tc in calls if isinstance(calls, list) else ():
+                    if isinstance(tc, dict):  # its function's arguments are a channel of their own
+                        n += self._walk_skipping(tc, _NO_KEYS, "function")
+                        if isinstance(tc.get("function"), dict):
+                            n += self._walk_skipping(tc["function"], _DOC_KEYS, "")
+                if n:
+                    self.restored += n
+                    changed_any = True
             if fin:  # held text of this choice's other channels goes out before this chunk
                 self._flush(_chat_match(ci, present), self._out)
             if emptied and not nonempty and droppable:
@@ -826,7 +858,7 @@ class StreamRestorer:
             if not isinstance(cand, dict):
                 continue
             ci = cand.get("index", 0)
-            fin = cand.get("finishReason") is not None
+            fin = bool(cand.get("finishReason"))
             content = cand.get("content")
             parts = content.get("parts") if isinstance(content, dict) else None
             present: set[Key] = set()
