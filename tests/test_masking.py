@@ -9,6 +9,8 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus
 
 import pytest
@@ -470,6 +472,56 @@ def test_identifiers_behind_escapes_colours_and_gutters_are_masked(name: str, bo
     assert not [s for s in secret if s in out], out
     restored = restore_bytes(out, mapping, in_json="json" in ctype)[0]
     assert (json.loads(restored) == json.loads(body)) if "json" in ctype else restored == body
+
+
+def test_a_key_given_twice_does_not_send_its_first_value_unscanned() -> None:
+    """json.loads keeps the last value of a repeated key: the first is never scanned. Forwarding the body
+    as it came (nothing else to mask) would send it; the body is written anew instead, each key once."""
+    body = b'{"messages":[{"role":"user","content":"box i-0123456789abcdef0","content":"hi"}]}'
+    out, _ = mask(body, "application/json")
+    assert b"i-0123456789abcdef0" not in out
+    assert json.loads(out) == json.loads(body)  # what a JSON parser reads is unchanged
+    clean = b'{"messages":[{"role":"user","content":"say \\"hi\\""}]}'
+    assert mask(clean, "application/json")[0] == clean  # no repeated key: forwarded byte for byte
+
+
+def test_a_lone_surrogate_stays_valid_json() -> None:
+    body = b'{"content":"cut emoji \\ud83d at i-0123456789abcdef0"}'
+    out, mapping = mask(body, "application/json")
+    out.decode("utf-8")  # valid UTF-8: the surrogate is written as an escape again
+    assert b"\\ud83d" in out and b"i-0123456789abcdef0" not in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
+
+
+@pytest.mark.parametrize(("source", "encoded"), [
+    ({"type": "base64", "media_type": "text/plain; charset=utf-8"}, base64.b64encode),  # with parameters
+    ({"type": "base64", "media_type": "text/plain"}, base64.encodebytes),  # wrapped at 76 columns
+    ({"type": "base64", "media_type": "text/plain"}, lambda b: base64.b64encode(b).rstrip(b"=")),  # unpadded
+    ({"type": "base64", "media_type": "text/plain"}, base64.urlsafe_b64encode),
+])
+def test_text_documents_in_other_base64_forms_are_masked_inside(source: dict[str, Any],
+                                                                encoded: Callable[[bytes], bytes]) -> None:
+    text = b"host i-0123456789abcdef0 in account 123456789012 -- ~~~??? " * 3 + b"."  # ~?: + / (or - _), "."
+    assert len(text) % 3  # so it has padding to drop
+    doc = {"type": "document", "source": {**source, "data": encoded(text).decode()}}
+    out, mapping = mask(json.dumps({"messages": [{"role": "user", "content": [doc]}]}).encode(),
+                        "application/json")
+    data = json.loads(out)["messages"][0]["content"][0]["source"]["data"]
+    masked = base64.b64decode(data)
+    assert b"i-0123456789abcdef0" not in masked and b"123456789012" not in masked
+    assert restore_bytes(masked, mapping)[0] == text
+
+
+def test_a_data_url_without_a_media_type_is_text() -> None:
+    url = "data:;base64," + base64.b64encode(b"see i-0123456789abcdef0").decode()  # RFC 2397: text/plain
+    out, _ = mask(json.dumps({"file_data": url}).encode(), "application/json")
+    assert b"i-0123456789abcdef0" not in base64.b64decode(json.loads(out)["file_data"].split(",", 1)[1])
+
+
+def test_utf16_without_a_byte_order_mark_or_a_content_type_is_masked() -> None:
+    body = json.dumps({"c": "i-0123456789abcdef0"}).encode("utf-16-be")
+    out, _ = mask(body, "")
+    assert "i-0123456789abcdef0".encode("utf-16-be") not in out and b"i-0123456789abcdef0" not in out
 
 
 def test_json_escapes_around_identifiers() -> None:

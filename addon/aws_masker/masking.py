@@ -350,12 +350,14 @@ class BodyMasker:
             unwrap = False
         # (container, the key it sits under as text: b'"AWS": [' for a list, b'' at the top)
         stack: list[tuple[Any, bytes]] = [(doc, b"")]
+        strings = 0  # keys and string values: a raw body with more strings has duplicate keys
         while stack:  # iterative: deep nesting must not exhaust the Python stack
             node, under = stack.pop()
             in_dict = isinstance(node, dict)
             if in_dict:
                 items: Any = node.items()
                 context = b""
+                strings += len(node)
             else:  # a list's strings are all scanned after the key the list sits under
                 items = enumerate(node)
                 context = list_context.get(under, b"") if under else b""
@@ -371,6 +373,7 @@ class BodyMasker:
                             slots.append((node, k, _as_key))
             for k, v in items:
                 if isinstance(v, str):
+                    strings += 1
                     if in_dict:
                         context = value_context.get(k) or self._context_for(k)
                     b = v.encode("utf-8", "surrogatepass")
@@ -401,7 +404,7 @@ class BodyMasker:
                     stack.append((v, _key_context(k, b'": [') if in_dict else under))
 
         def assemble(parts: list[bytes]) -> bytes:
-            if not slots:
+            if not slots and not duplicates:
                 return content
             renames: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
             for (node, k, wrap), part in zip(slots, parts, strict=True):
@@ -414,7 +417,15 @@ class BodyMasker:
                 node.clear()
                 node.update((new_names.get(k, k), v) for k, v in entries)  # the order of the keys stays
             out = doc[0] if unwrap else doc
-            return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+            text = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+            try:
+                return text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800"): written as an escape, as it came
+                return json.dumps(out, separators=(",", ":")).encode("ascii")
+
+        # A key given twice: JSON parsers keep its last value, so the first was never scanned, and forwarding
+        # the body as it is would send it (json.dumps writes each key once).
+        duplicates = not slots and _string_tokens(content) != strings
 
         return self._finish(MaskPlan("json", segments, _assemble=assemble))
 
@@ -454,7 +465,7 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # be
 
 def _wide_codec(content: bytes, ctype: str) -> tuple[str | None, bool]:
     """The codec of a body whose ASCII text is not ASCII bytes (UTF-16, UTF-32, EBCDIC, ...) — by the
-    Content-Type's charset, else by a UTF-16/32 byte order mark, else (a text/* body) by the zero bytes
+    Content-Type's charset, else by a UTF-16/32 byte order mark, else (text/* or no type) by the zero bytes
     UTF-16/32 put beside ASCII characters; None when the bytes can be scanned as they are. And whether the
     charset was declared. Raises UnreadableBody for a charset Python does not know."""
     m = _CHARSET.search(ctype) if "charset" in ctype else None
@@ -464,7 +475,7 @@ def _wide_codec(content: bytes, ctype: str) -> tuple[str | None, bool]:
             for bom, by_bom in _BOMS:
                 if content.startswith(bom):
                     return by_bom, False
-        if ctype.startswith("text/") and 0 in content[:4]:
+        if (not ctype or ctype.startswith("text/")) and 0 in content[:4]:
             guessed = json.detect_encoding(content[:4])  # UTF-16/32 without a byte order mark
             return (None if guessed == "utf-8" else guessed), False
         return None, False
@@ -495,7 +506,7 @@ def text_codec(content: bytes, content_type: str) -> str | None:
 # not decoded (see docs/security.md).
 _TEXT_MEDIA = re.compile(r"^(?:text/[\w.+-]+|application/(?:[\w.+-]*\+)?(?:json|jsonl|x-ndjson|ndjson|xml|"
                          r"yaml|x-yaml|csv|toml|sql|javascript|x-sh|x-python))$", re.IGNORECASE)
-_DATA_URL = re.compile(r"^data:([\w.+/-]+)((?:;[\w.+-]+=[\w.+-]+)*);base64,", re.IGNORECASE)
+_DATA_URL = re.compile(r'^data:([\w.+/-]*)((?:;[\w.+-]+=(?:[\w.+-]+|"[\w.+-]+"))*);base64,', re.IGNORECASE)
 
 
 def _base64_text(value: str, parent: dict[str, Any] | None) -> tuple[str, bytes] | None:
@@ -504,15 +515,24 @@ def _base64_text(value: str, parent: dict[str, Any] | None) -> tuple[str, bytes]
     Anthropic document) or of Gemini's ``{"mimeType": "text/plain", "data": …}`` — else None."""
     if value.startswith(("data:", "DATA:")):
         m = _DATA_URL.match(value)
-        if m is None or not _TEXT_MEDIA.match(m.group(1)):
+        if m is None or not (m.group(1) == "" or _TEXT_MEDIA.match(m.group(1))):  # none: text/plain
             return None
         prefix, payload = value[:m.end()], value[m.end():]
-    elif parent is not None and _TEXT_MEDIA.match(_media_type(parent)):
+    elif parent is not None and _TEXT_MEDIA.match(_media_type(parent).split(";", 1)[0].strip()):
         prefix, payload = "", value
     else:
         return None
     try:
         return prefix, base64.b64decode(payload, validate=True)
+    except (ValueError, binascii.Error):
+        pass
+    # Wrapped at 76 columns (GNU base64, MIME), without its padding, or in the URL-safe alphabet
+    compact = "".join(payload.split())
+    compact += "=" * (-len(compact) % 4)
+    try:
+        if "-" in compact or "_" in compact:
+            return prefix, base64.b64decode(compact.replace("-", "+").replace("_", "/"), validate=True)
+        return prefix, base64.b64decode(compact, validate=True)
     except (ValueError, binascii.Error):
         return None
 
@@ -559,6 +579,16 @@ def _unescape_once(data: bytes) -> tuple[bytes, list[int], list[int]] | None:
     landed = list(map(operator.add, accumulate(map(len, texts[:-1])), accumulate(char_lens, initial=0)))
     shifts = list(accumulate(map(operator.sub, raw, char_lens)))
     return b"".join(parts), landed, shifts
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _string_tokens(content: bytes) -> int:
+    """How many strings (keys and values) a valid JSON text holds (its quotes, halved, if none is escaped)."""
+    if content.find(b'\\"') < 0:
+        return content.count(b'"') // 2
+    return len(_JSON_STRING.findall(content))
 
 
 def _may_hide(value: bytes) -> bool:
