@@ -326,7 +326,7 @@ class StreamRestorer:
         self._mode = mode
         self._passthrough = mode == "pass"
 
-        self._buf = b""  # SSE: bytes of the event not yet complete
+        self._buf: bytes | bytearray = b""  # SSE: bytes of the event not yet complete
         self._skipping = False  # SSE: inside an event longer than MAX_EVENT
         self._raw_held = b""  # raw modes: held tail
         self._chans: dict[Key, _Chan] = {}
@@ -398,7 +398,7 @@ class StreamRestorer:
             except Exception:
                 pass
         out.append(self._raw_held)
-        out.append(self._buf)
+        out.append(bytes(self._buf))
         out.append(self._work[self._pos :])
         if stage == "decode":
             out.append(chunk)
@@ -495,7 +495,16 @@ class StreamRestorer:
         self._out.append(head)
 
     def _sse(self, data: bytes, final: bool) -> None:
-        buf = self._buf + data if self._buf else data
+        held = self._buf
+        if held and not final and len(held) + len(data) <= MAX_EVENT and \
+                _EVENT_END_RE.search(held[-3:] + data) is None:
+            # Still no end of the event (one large event arriving in small reads): add to it in place, not
+            # by copying all that is held on every read.
+            if not isinstance(held, bytearray):
+                self._buf = held = bytearray(held)
+            held += data
+            return
+        buf = bytes(held) + data if held else data
         # The bytes already held had no event end: a blank line (4 bytes at most) ending in the new data
         # starts at most 3 bytes before them.
         scan = max(0, len(self._buf) - 3)
