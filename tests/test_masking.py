@@ -524,6 +524,20 @@ def test_utf16_without_a_byte_order_mark_or_a_content_type_is_masked() -> None:
     assert "i-0123456789abcdef0".encode("utf-16-be") not in out and b"i-0123456789abcdef0" not in out
 
 
+@pytest.mark.parametrize("body", [
+    b"upload failed\\nmy-data-bucket.s3.amazonaws.com: 403",  # a pasted JSON log line
+    b'{"c":"{\\"err\\":\\"timeout\\\\nmy-data-bucket.s3.amazonaws.com\\"}"}',  # JSON in a JSON string
+])
+def test_the_letter_of_an_escape_is_not_taken_into_a_hostname(body: bytes) -> None:
+    """A hostname or bucket has no word boundary before it: in the bytes, "\nmy-bucket" reads as
+    "nmy-bucket". The decoded reading wins: the escape stays whole and the bucket gets one placeholder."""
+    out, mapping = mask(body, "application/json" if body.startswith(b"{") else "text/plain")
+    assert list(mapping.values()) == [b"my-data-bucket"]
+    assert b"\\nAWS_S3_BUCKET_" in out
+    restored = restore_bytes(out, mapping, in_json=body.startswith(b"{"))[0]
+    assert (json.loads(restored) == json.loads(body)) if body.startswith(b"{") else restored == body
+
+
 def test_json_escapes_around_identifiers() -> None:
     doc = {"text": "line1\ni-0123abcd\t\"i-89abcdef\"\\é i-0a1b2c3d4e5f60718"}
     for ensure_ascii in (True, False):

@@ -149,7 +149,16 @@ class BodyMasker:
         found: list[tuple[Hit, Key]] = []
         have = set(hits)
         if 0x5C in data and _BACKSLASH_ESCAPE.search(data):  # 0x5C: a backslash (an int needle: fast)
-            found += self._unescaped(data, have)
+            decoded = self._unescaped(data, have)
+            found += decoded
+            # A name without a word boundary before it (a hostname, a bucket) takes the letter of an escape
+            # into itself in the bytes ("\\nmy-bucket.s3..." reads as "nmy-bucket"): such a hit gives way to
+            # the decoded text's hit over it.
+            escaped = {k for k, h in enumerate(hits) if _after_escape(data, h[0])
+                       and any(d[0] < h[1] and h[0] < d[1] for d, _ in decoded)}
+            if escaped:
+                hits = [h for k, h in enumerate(hits) if k not in escaped]
+                keys = [x for k, x in enumerate(keys) if k not in escaped]
         if 0x1B in data or (0xC2 in data and data.find(b"\xc2\xa0") >= 0) or \
                 (0xE2 in data and data.find(b"\xe2\x86\x92") >= 0):  # int needles first: memchr
             alt = self._blanked(data)  # same length: every offset holds; the originals are taken from data
@@ -589,6 +598,14 @@ def _string_tokens(content: bytes) -> int:
     if content.find(b'\\"') < 0:
         return content.count(b'"') // 2
     return len(_JSON_STRING.findall(content))
+
+
+def _after_escape(data: bytes, start: int) -> bool:
+    """Whether ``start`` is the letter of a backslash escape (at some level of JSON in JSON)."""
+    return start > 0 and data[start - 1] == 0x5C and data[start] in _ESCAPE_LETTERS
+
+
+_ESCAPE_LETTERS = frozenset(b'"\\/bfnrtu')
 
 
 def _may_hide(value: bytes) -> bool:
