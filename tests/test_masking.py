@@ -538,6 +538,21 @@ def test_the_letter_of_an_escape_is_not_taken_into_a_hostname(body: bytes) -> No
     assert (json.loads(restored) == json.loads(body)) if body.startswith(b"{") else restored == body
 
 
+def test_a_value_is_recognised_by_the_name_beside_it() -> None:
+    """Container environments ({"name": …, "value": …}) and tags ({"Key": …, "Value": …}) label a value
+    with a sibling, not with its key."""
+    env = [{"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"},
+           {"name": "ASSETS_BUCKET", "value": "contoso-checkout-assets"},
+           {"name": "LOG_LEVEL", "value": "debug"}]
+    body = json.dumps({"containerDefinitions": [{"environment": env}],
+                       "Tags": [{"Key": "OwnerAccount", "Value": "123456789012"}]}).encode()
+    out, mapping = mask(body, "application/json")
+    for secret in (b"wJalrXUtnFEMI/K7MDENG", b"contoso-checkout-assets", b"123456789012"):
+        assert secret not in out
+    assert b'"value":"debug"' in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
+
+
 def test_json_escapes_around_identifiers() -> None:
     doc = {"text": "line1\ni-0123abcd\t\"i-89abcdef\"\\é i-0a1b2c3d4e5f60718"}
     for ensure_ascii in (True, False):

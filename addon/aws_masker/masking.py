@@ -385,6 +385,10 @@ class BodyMasker:
                     strings += 1
                     if in_dict:
                         context = value_context.get(k) or self._context_for(k)
+                        if k in _VALUE_KEYS:  # {"name": "AWS_SECRET_ACCESS_KEY", "value": …}: a label
+                            label = next((node[n] for n in _NAME_KEYS if isinstance(node.get(n), str)), None)
+                            if label:
+                                context = self._context_for(label)
                     b = v.encode("utf-8", "surrogatepass")
                     if len(b) >= 16 and (k == "data" or b.startswith((b"data:", b"DATA:"))):
                         encoded = _base64_text(v, node if in_dict else None)
@@ -590,6 +594,10 @@ def _unescape_once(data: bytes) -> tuple[bytes, list[int], list[int]] | None:
     return b"".join(parts), landed, shifts
 
 
+# Objects that pair a name with a value — container environment variables ({"name": …, "value": …}, ECS and
+# Kubernetes), tags ({"Key": …, "Value": …}), SSM parameters: the value is scanned after its name.
+_VALUE_KEYS = frozenset({"value", "Value"})
+_NAME_KEYS = ("name", "Name", "key", "Key")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
