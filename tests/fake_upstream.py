@@ -1227,6 +1227,8 @@ class FakeUpstream:
             return await self._send_json(writer, knobs.status, err, knobs, close, api)
         if is_stream_request(api, req.route, payload):
             events = build_events(api, payload, req.index, knobs.delta_chars)
+            if api == GEMINI and "alt=sse" not in req.path:  # Gemini's other stream: one JSON array
+                return await self._send_json_array(writer, api, events, knobs, close)
             return await self._send_sse(writer, api, payload, events, knobs, close)
         reply = build_reply(api, payload, req.index, knobs.delta_chars)
         return await self._send_json(writer, knobs.status or 200, reply, knobs, close, api)
@@ -1309,6 +1311,20 @@ class FakeUpstream:
             headers.append(("content-encoding", knobs.encoding))
         writer.write(self._head(200, headers, close, api))
         return await self._write_chunks(writer, pieces, knobs, close, reset)
+
+    async def _send_json_array(self, writer: asyncio.StreamWriter, api: str, events: list[SSE], knobs: Knobs,
+                               close: bool) -> bool:
+        """``streamGenerateContent`` without ``alt=sse``: the chunks as one JSON array, an element per write
+        (``[{…}\\n,\\r\\n{…}\\n]``, as Google sends it)."""
+        datas = [data if isinstance(data, str) else _dumps(data) for _, data in events]
+        pieces = [("[" if k == 0 else "\n,\r\n").encode() + d.encode() for k, d in enumerate(datas)]
+        pieces.append(b"\n]")
+        if knobs.chunk_bytes:
+            blob = b"".join(pieces)
+            pieces = [blob[i : i + knobs.chunk_bytes] for i in range(0, len(blob), knobs.chunk_bytes)]
+        headers = [("content-type", "application/json; charset=UTF-8"), ("transfer-encoding", "chunked")]
+        writer.write(self._head(200, headers, close, api))
+        return await self._write_chunks(writer, pieces, knobs, close, reset=False)
 
     async def _write_chunks(self, writer: asyncio.StreamWriter, pieces: list[bytes], knobs: Knobs,
                             close: bool, reset: bool) -> bool:

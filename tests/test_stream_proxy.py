@@ -14,6 +14,7 @@ from fake_upstream import (
     GEMINI,
     OPENAI_CHAT,
     RESPONSES,
+    SSEEvent,
     SSEParser,
     expected_reply_text,
     parse_sse,
@@ -57,6 +58,21 @@ def test_streamed_round_trip_is_exact(client, fake_upstream, api, tools, delta) 
     if tools:
         assert parts.tool_input == {"text": expected_reply_text(req)}
     assert "AWS_" not in r.text
+
+
+@pytest.mark.parametrize("delta", [1, 3])
+def test_gemini_stream_without_sse_is_restored_exactly(client, fake_upstream, delta) -> None:
+    """streamGenerateContent without alt=sse answers with one JSON array, element by element: a placeholder
+    cut between two elements is restored all the same."""
+    req = make_request(GEMINI, tools=True)
+    r = client.post(fake_upstream.url_for(STREAM_PATHS[GEMINI].split("?", 1)[0]), json=req,
+                    headers={"x-fake-delta-chars": str(delta), "x-fake-chunk-bytes": "7"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert_no_original(fake_upstream)
+    chunks = r.json()  # one valid JSON array
+    parts = reassemble_stream(GEMINI, [SSEEvent(None, json.dumps(c)) for c in chunks])
+    assert parts.text == expected_reply_text(req) and "AWS_" not in r.text
+    assert parts.tool_input == {"text": expected_reply_text(req)}
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "br"])

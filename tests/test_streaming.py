@@ -919,6 +919,52 @@ def test_held_text_goes_out_before_an_error_event(provider: str) -> None:
     assert client_text(provider, events[:-1]).endswith("USA")
 
 
+def gemini_array(size: int | list[int] = 5, c: Content = FULL) -> bytes:
+    """Gemini ``streamGenerateContent`` without ``alt=sse``: the same chunks as one JSON array, sent element
+    by element (``[{…}\\n,\\r\\n{…}\\n]`` as Google sends it)."""
+    datas = [data for _, data in parse_sse(gemini_stream(size, c))]
+    return ("[" + "\n,\r\n".join(datas) + "\n]").encode()
+
+
+def check_gemini_array(out: bytes, c: Content) -> None:
+    chunks = json.loads(out)  # still one valid JSON array
+    think = "".join(p["text"] for d in chunks for cand in d["candidates"] for p in cand["content"]["parts"]
+                    if "text" in p and p.get("thought"))
+    text = "".join(p["text"] for d in chunks for cand in d["candidates"] for p in cand["content"]["parts"]
+                   if "text" in p and not p.get("thought"))
+    calls = [p for d in chunks for cand in d["candidates"] for p in cand["content"]["parts"]
+             if "text" not in p]
+    assert think == c.orig_think and text == c.orig_text
+    assert calls[-1]["functionCall"]["args"] == json.loads(c.orig_tool)
+    assert calls[-1]["thoughtSignature"] == "CiQBAWS_ACCOUNT_0001VKc0x=="  # opaque, untouched
+    assert "finishReason" in chunks[-1]["candidates"][0]
+
+
+def test_gemini_json_array_stream_every_cut() -> None:
+    """Without alt=sse Gemini streams a JSON array: a placeholder cut between two of its elements is held
+    back and restored as between two SSE events, wherever the reads are cut."""
+    src = gemini_array([13, 21, 9], c=SHORT)
+    ref, _, _ = run(src, content_type="application/json")
+    check_gemini_array(ref, SHORT)
+    for i in range(1, len(src)):
+        out, _, _ = run(src, [i], content_type="application/json")
+        assert out == ref, f"cut at {i}"
+
+
+@pytest.mark.parametrize("size", [1, 2, 7])
+def test_gemini_json_array_stream_delta_sizes(size: int) -> None:
+    src = gemini_array(size)
+    out, parts, _ = run(src, 3, content_type="application/json")
+    check_gemini_array(out, FULL)
+    assert len(parts) > 20  # elements go out as they complete
+
+
+def test_a_json_object_reply_streamed_stays_raw() -> None:
+    src = json.dumps({"content": [{"type": "text", "text": "acct AWS_ACCOUNT_0001 ok"}]}).encode()
+    out, _, r = run(src, 4, content_type="application/json")
+    assert json.loads(out)["content"][0]["text"] == "acct 123456789012 ok" and r.restored == 1
+
+
 # ------------------------------------------------------------------------------------ many identifiers
 
 

@@ -9,6 +9,9 @@ is called a last time with ``b""`` at the end of the stream, when it flushes eve
   OpenAI Responses, Google Gemini, Cohere v2 chat); other events are restored over their raw data text.
   Events that need no change pass through byte-identical; changed ones are re-serialised with their other
   fields, line terminator style and order untouched.
+* A JSON body that is an array (Gemini's ``streamGenerateContent`` without ``alt=sse`` sends its chunks as
+  one array, element by element): each object of the array goes through the same handlers as an SSE
+  event's data, hold-back included; what is held goes out as elements of their own before the ``]``.
 * Other text / JSON bodies: restored over the raw byte stream (originals JSON-escaped for JSON bodies).
 * Unknown binary content types and unknown content encodings pass through untouched.
 
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 _TOKEN_STR_RE = re.compile(TOKEN_RE.pattern.decode("ascii"))
 # End of an SSE event: a line terminator followed by an empty line. A lone "\r" must not be the first half
 # of a "\r\n" (the caller waits for more bytes when the buffer ends with "\r").
+_JSON_STRUCTURE_RE = re.compile(rb'["\\{}\[\]]')  # what a JSON array stream is split by
 _EVENT_END_RE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_RE = re.compile(rb"\r\n|\r|\n")
 # An event that matches neither can neither hold a placeholder nor end with the start of one.
@@ -231,6 +235,28 @@ class _Event:
         term = self.term
         return term.join(out) + term + term
 
+    synth = build  # a new event built like this one
+
+
+class _Element:
+    """One element of a JSON array streamed element by element (Gemini's ``streamGenerateContent``
+    without ``alt=sse``): the bytes before it (``[`` or ``,`` and blanks) and the element itself."""
+
+    __slots__ = ("data", "etype", "lead", "raw")
+
+    def __init__(self, raw: bytes, lead: int) -> None:
+        self.raw = raw
+        self.lead = raw[:lead]
+        self.data: bytes | None = raw[lead:]
+        self.etype = b""
+
+    def build(self, data: bytes) -> bytes:
+        return self.lead + data
+
+    def synth(self, data: bytes) -> bytes:
+        """A new element after this one (flushes come after at least one element went out)."""
+        return b"," + data
+
 
 class _Prefixes:
     """``x in p``: is ``x`` a non-empty prefix of a placeholder (full ones included)?
@@ -268,7 +294,7 @@ class _Chan:
     def __init__(self, kind: int) -> None:
         self.kind = kind
         self.held = ""
-        self.tmpl: _Event | None = None
+        self.tmpl: _Event | _Element | None = None
         self.obj: Any = None
         self.info: Any = None
 
@@ -329,6 +355,11 @@ class StreamRestorer:
         self._buf: bytes | bytearray = b""  # SSE: bytes of the event not yet complete
         self._skipping = False  # SSE: inside an event longer than MAX_EVENT
         self._raw_held = b""  # raw modes: held tail
+        self._json_seen = False  # "json" mode: its first byte was seen (a "[" makes it an array stream)
+        self._abuf = b""  # array stream: bytes not yet out (an element not yet complete)
+        self._ascan = 0  # ... and where in them to go on looking for structure
+        self._adepth = 0
+        self._ain_str = False
         self._chans: dict[Key, _Chan] = {}
         self._holding: set[Key] = set()
         # Progress of the current call, for salvage after an internal error.
@@ -364,6 +395,8 @@ class StreamRestorer:
                 out.append(data)
             elif self._mode == "sse":
                 self._sse(data, final)
+            elif self._mode == "array":
+                self._array(data, final)
             else:
                 self._raw(data, final)
         except Exception:
@@ -398,6 +431,7 @@ class StreamRestorer:
             except Exception:
                 pass
         out.append(self._raw_held)
+        out.append(self._abuf)
         out.append(bytes(self._buf))
         out.append(self._work[self._pos :])
         if stage == "decode":
@@ -405,7 +439,7 @@ class StreamRestorer:
         self._passthrough = True
         self._chans.clear()
         self._holding.clear()
-        self._raw_held = self._buf = self._work = b""
+        self._raw_held = self._buf = self._work = self._abuf = b""
         return out
 
     def _get_prefixes(self) -> frozenset[bytes]:
@@ -480,6 +514,15 @@ class StreamRestorer:
     # ---------------------------------------------------------------------------------------- raw mode
 
     def _raw(self, data: bytes, final: bool) -> None:
+        if self._mode == "json" and not self._json_seen:
+            first = (self._raw_held + data).lstrip()[:1]
+            if first:
+                self._json_seen = True
+                if first == b"[":  # a JSON array sent element by element: restored element by element
+                    self._mode = "array"
+                    held, self._raw_held = self._raw_held, b""
+                    self._array(held + data, final)
+                    return
         s = self._raw_held + data if self._raw_held else data
         self._raw_held = b""
         self._work, self._pos = s, 0  # what goes out unrestored should this fail
@@ -493,6 +536,75 @@ class StreamRestorer:
         self._raw_held = s[h:]
         self._work = b""
         self._out.append(head)
+
+    def _array(self, data: bytes, final: bool) -> None:
+        """A JSON array whose elements arrive one by one (Gemini without ``alt=sse``): each object at the top
+        level goes through the same handlers as an SSE event's data, so a placeholder cut between two
+        elements is held back and restored like one cut between two events."""
+        buf = self._abuf + data if self._abuf else data
+        self._abuf = b""
+        self._work, self._pos = buf, 0
+        i, depth, in_str = self._ascan, self._adepth, self._ain_str
+        start = 0
+        search = _JSON_STRUCTURE_RE.search
+        while True:
+            m = search(buf, i)
+            if m is None:
+                break
+            c = buf[m.start()]
+            i = m.end()
+            if in_str:
+                if c == 0x5C:  # a backslash: the next byte is escaped
+                    i += 1
+                elif c == 0x22:
+                    in_str = False
+                continue
+            if c == 0x22:
+                in_str = True
+            elif c == 0x7B or c == 0x5B:  # { [
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 1 and c == 0x7D:  # an object of the top array is complete
+                    self._element(buf[start:i])
+                    start = self._pos = i
+                elif depth <= 0:  # the array ends: what is held goes out before "]"
+                    self._flush(None, self._out)
+                    self._pending(buf[start:i])
+                    start = self._pos = i
+        if final:
+            self._flush(None, self._out)
+            self._pending(buf[start:])
+            start = self._pos = len(buf)
+        elif len(buf) - start > MAX_EVENT:  # no end in sight: out unrestored but for whole placeholders
+            self._pending(buf[start:])
+            start = self._pos = len(buf)
+        self._abuf = buf[start:]
+        self._ascan, self._adepth, self._ain_str = max(0, i - start), depth, in_str
+        self._work = b""
+        self._pos = 0
+
+    def _element(self, raw: bytes) -> None:
+        if not self._holding and (0x41 not in raw or not _MAYBE_RE.search(raw)):
+            self._out.append(raw)  # nothing to restore, nothing to hold, nothing to flush
+            return
+        ev = _Element(raw, raw.find(b"{"))
+        try:
+            obj = json.loads(ev.data or b"")
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            self._json_event(ev, obj)  # type: ignore[arg-type]  # _Element offers what _Event does
+        else:
+            self._generic(ev)  # type: ignore[arg-type]
+
+    def _pending(self, raw: bytes) -> None:
+        """Bytes of an array stream outside its objects (brackets, commas, other values)."""
+        if raw.find(b"AWS_") >= 0:
+            raw, n = restore_bytes(raw, self._map, self._seen_bytes, in_json=True)
+            self.restored += n
+        if raw:
+            self._out.append(raw)
 
     def _sse(self, data: bytes, final: bool) -> None:
         held = self._buf
@@ -689,8 +801,8 @@ class StreamRestorer:
             new = {k: v for k, v in obj.items() if k != "candidates"}
             new["candidates"] = [{"content": {"parts": [part], "role": "model"}, "index": ci}]
         else:  # plain text data
-            return tmpl.build(text.encode("utf-8", "surrogateescape"))
-        return tmpl.build(_dumps(new))
+            return tmpl.synth(text.encode("utf-8", "surrogateescape"))
+        return tmpl.synth(_dumps(new))
 
     # ------------------------------------------------------------------------------ provider shapes
 
