@@ -116,6 +116,7 @@ CONTEXT_VALUE_MAX = 1024  # string values up to this long are scanned after thei
 CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules look a few words back)
 CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
 UNESCAPED_ENTRIES = 4096  # texts whose escapes were decoded and scanned, remembered with their hits
+UNESCAPED_HITS_MAX = 256  # ... if they have at most this many
 
 
 class BodyMasker:
@@ -191,7 +192,8 @@ class BodyMasker:
             found = self._unescaped_scan(data, hits)
             if len(self._unescaped_seen) >= UNESCAPED_ENTRIES:
                 self._unescaped_seen.clear()  # refills with what still comes
-            self._unescaped_seen[key] = found
+            if len(found) <= UNESCAPED_HITS_MAX:  # memory stays bounded (the scanner keeps the scan itself)
+                self._unescaped_seen[key] = found
         return found
 
     def _unescaped_scan(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
