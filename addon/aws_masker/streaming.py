@@ -356,14 +356,14 @@ class StreamRestorer:
         self._skipping = False  # SSE: inside an event longer than MAX_EVENT
         self._raw_held = b""  # raw modes: held tail
         self._json_seen = False  # "json" mode: its first byte was seen (a "[" makes it an array stream)
-        self._abuf = b""  # array stream: bytes not yet out (an element not yet complete)
+        self._abuf: bytes | bytearray = b""  # array stream: bytes not yet out (an element not yet complete)
         self._ascan = 0  # ... and where in them to go on looking for structure
         self._adepth = 0
         self._ain_str = False
         self._chans: dict[Key, _Chan] = {}
         self._holding: set[Key] = set()
         # Progress of the current call, for salvage after an internal error.
-        self._work = b""
+        self._work: bytes | bytearray = b""
         self._pos = 0
         self._out: list[bytes] = []
 
@@ -431,9 +431,9 @@ class StreamRestorer:
             except Exception:
                 pass
         out.append(self._raw_held)
-        out.append(self._abuf)
+        out.append(bytes(self._abuf))
         out.append(bytes(self._buf))
-        out.append(self._work[self._pos :])
+        out.append(bytes(self._work[self._pos :]))
         if stage == "decode":
             out.append(chunk)
         self._passthrough = True
@@ -541,7 +541,12 @@ class StreamRestorer:
         """A JSON array whose elements arrive one by one (Gemini without ``alt=sse``): each object at the top
         level goes through the same handlers as an SSE event's data, so a placeholder cut between two
         elements is held back and restored like one cut between two events."""
-        buf = self._abuf + data if self._abuf else data
+        buf: bytes | bytearray
+        if self._abuf:  # an element still incomplete: added to in place (one large element in small reads)
+            buf = self._abuf if isinstance(self._abuf, bytearray) else bytearray(self._abuf)
+            buf += data
+        else:
+            buf = data
         self._abuf = b""
         self._work, self._pos = buf, 0
         i, depth, in_str = self._ascan, self._adepth, self._ain_str
@@ -550,6 +555,7 @@ class StreamRestorer:
         while True:
             m = search(buf, i)
             if m is None:
+                i = max(i, len(buf))  # all of it looked at (past it: an escaped byte still to come)
                 break
             c = buf[m.start()]
             i = m.end()
@@ -566,20 +572,20 @@ class StreamRestorer:
             else:
                 depth -= 1
                 if depth == 1 and c == 0x7D:  # an object of the top array is complete
-                    self._element(buf[start:i])
+                    self._element(bytes(buf[start:i]))
                     start = self._pos = i
                 elif depth <= 0:  # the array ends: what is held goes out before "]"
                     self._flush(None, self._out)
-                    self._pending(buf[start:i])
+                    self._pending(bytes(buf[start:i]))
                     start = self._pos = i
         if final:
             self._flush(None, self._out)
-            self._pending(buf[start:])
+            self._pending(bytes(buf[start:]))
             start = self._pos = len(buf)
         elif len(buf) - start > MAX_EVENT:  # no end in sight: out unrestored but for whole placeholders
-            self._pending(buf[start:])
+            self._pending(bytes(buf[start:]))
             start = self._pos = len(buf)
-        self._abuf = buf[start:]
+        self._abuf = buf[start:] if start else buf
         self._ascan, self._adepth, self._ain_str = max(0, i - start), depth, in_str
         self._work = b""
         self._pos = 0
