@@ -553,6 +553,27 @@ def test_a_value_is_recognised_by_the_name_beside_it() -> None:
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
 
 
+@pytest.mark.parametrize("body", [b"1", b"null", b"true", b"888880", b"-2.5e3"])
+def test_a_json_document_that_is_a_number_or_a_constant_is_forwarded_as_it_is(body: bytes) -> None:
+    assert mask(body, "application/json") == (body, {})
+
+
+def test_bodies_found_by_the_fuzzer_in_other_charsets() -> None:
+    # a JSON escape of a character the declared charset cannot write goes back as an escape
+    out, _ = mask('"\\u20ac i-0123456789abcdef0"'.encode("cp500"), "application/json; charset=cp500")
+    assert json.loads(out.decode("cp500")).startswith("\u20ac AWS_EC2_INSTANCE_")
+    # UTF-16 without a byte order mark under a JSON type (invalid JSON, NDJSON)
+    for body, ctype in (('{"a": i-0123456789abcdef0}'.encode("utf-16-le"), "application/json"),
+                        ("i-0123456789abcdef0".encode("utf-16-le"), "application/x-ndjson")):
+        out, _ = mask(body, ctype)
+        assert "AWS_EC2_INSTANCE_" in out.decode("utf-16-le")
+    # a JSON body under a declared charset other than UTF-8 is written back in ASCII (escapes)
+    out, _ = mask(b'{"a": "\\u00e9 i-0123456789abcdef0"}', "application/json; charset=latin-1")
+    assert out.isascii() and json.loads(out)["a"].startswith("\u00e9 AWS_EC2_INSTANCE_")
+    out, _ = mask(b'{"a": "\\u00e9 i-0123456789abcdef0"}', "application/json; charset=utf-8")
+    assert "\u00e9".encode() in out  # UTF-8: written as it is
+
+
 def test_json_escapes_around_identifiers() -> None:
     doc = {"text": "line1\ni-0123abcd\t\"i-89abcdef\"\\é i-0a1b2c3d4e5f60718"}
     for ensure_ascii in (True, False):

@@ -303,7 +303,9 @@ class BodyMasker:
         if not self.scan_text(content)[0]:
             inner = wide._assemble
             assert inner is not None
-            wide._assemble = lambda parts: inner(parts).decode("utf-8", "surrogatepass").encode(codec)
+            # (a character the charset cannot write — from a JSON escape — goes back as an escape)
+            wide._assemble = lambda parts: inner(parts).decode("utf-8", "surrogatepass").encode(
+                codec, "backslashreplace")
             return wide
         if not wide.items:
             return self._plan_bytes(content, ctype)
@@ -312,7 +314,7 @@ class BodyMasker:
 
     def _plan_bytes(self, content: bytes, ctype: str) -> MaskPlan:
         if "json" in ctype or (not ctype and content.lstrip()[:1] in (b"{", b"[")):
-            plan = self._plan_json(content)
+            plan = self._plan_json(content, "charset" in ctype and not _UTF8_CHARSET.search(ctype))
             if plan is not None:
                 return plan
         elif "application/x-www-form-urlencoded" in ctype:
@@ -340,11 +342,15 @@ class BodyMasker:
         plan = MaskPlan("text", [Segment(content, hits, keys)], _assemble=lambda parts: parts[0])
         return self._finish(plan)
 
-    def _plan_json(self, content: bytes) -> MaskPlan | None:
+    def _plan_json(self, content: bytes, ascii_only: bool = False) -> MaskPlan | None:
+        """``ascii_only``: the body declares a charset other than UTF-8; it is written back with every
+        character that is not ASCII escaped."""
         try:
             doc = json.loads(content, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             return None
+        if not isinstance(doc, (dict, list, str)):  # a number, true, false, null: nothing to mask
+            return self._finish(MaskPlan("json", [], _assemble=lambda parts: content))
         scan = self._scan_value
         remembered = self.scanner.remembered
         in_value = self._in_value
@@ -432,7 +438,7 @@ class BodyMasker:
                 node.clear()
                 node.update((new_names.get(k, k), v) for k, v in entries)  # the order of the keys stays
             out = doc[0] if unwrap else doc
-            text = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+            text = json.dumps(out, ensure_ascii=ascii_only, separators=(",", ":"))
             try:
                 return text.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate ("\ud800"): written as an escape, as it came
@@ -469,6 +475,7 @@ class UnreadableBody(ValueError):
     """A body in a charset that cannot be read: it cannot be masked with certainty."""
 
 
+_UTF8_CHARSET = re.compile(r'charset\s*=\s*"?(?:utf-?8|us-ascii|ascii)"?\s*(?:;|$)')
 _CHARSET = re.compile(r';\s*charset\s*=\s*"?([^";\s]*)"?')
 # Identifiers and the words around them are ASCII: a charset that writes these as the same ASCII bytes
 # (UTF-8, Latin-1, Windows-125x, Shift JIS, ...) is scanned as bytes; any other is decoded first.
@@ -490,7 +497,7 @@ def _wide_codec(content: bytes, ctype: str) -> tuple[str | None, bool]:
             for bom, by_bom in _BOMS:
                 if content.startswith(bom):
                     return by_bom, False
-        if (not ctype or ctype.startswith("text/")) and 0 in content[:4]:
+        if (not ctype or ctype.startswith("text/") or "json" in ctype) and 0 in content[:4]:
             guessed = json.detect_encoding(content[:4])  # UTF-16/32 without a byte order mark
             return (None if guessed == "utf-8" else guessed), False
         return None, False
