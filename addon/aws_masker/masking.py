@@ -487,9 +487,9 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # be
 
 def _wide_codec(content: bytes, ctype: str) -> tuple[str | None, bool]:
     """The codec of a body whose ASCII text is not ASCII bytes (UTF-16, UTF-32, EBCDIC, ...) — by the
-    Content-Type's charset, else by a UTF-16/32 byte order mark, else (text/* or no type) by the zero bytes
-    UTF-16/32 put beside ASCII characters; None when the bytes can be scanned as they are. And whether the
-    charset was declared. Raises UnreadableBody for a charset Python does not know."""
+    Content-Type's charset, else by a UTF-16/32 byte order mark, else (text/*, JSON or no type) by the zero
+    bytes UTF-16/32 put beside ASCII characters; None when the bytes can be scanned as they are. And whether
+    the charset was declared. Raises UnreadableBody for a charset Python does not know."""
     m = _CHARSET.search(ctype) if "charset" in ctype else None
     name = m.group(1) if m is not None else ""
     if not name:
