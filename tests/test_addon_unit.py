@@ -231,6 +231,19 @@ def test_identifiers_in_the_path_alone_are_masked_and_restored(masker) -> None:
     assert json.loads(f.response.content) == {"data": [{"purpose": "i-0123456789abcdef0"}]}
 
 
+def test_a_name_the_body_gave_away_is_masked_in_the_url_too(masker) -> None:
+    addon, tctx = masker
+    body = {"model": "m", "messages": [{"role": "user", "content": "list s3://acme-invoices-2026/reports/"}]}
+    f = make_flow(json.dumps(body).encode())
+    f.request.path = "/v1/messages?tag=acme-invoices-2026"
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is None
+    assert b"acme-invoices-2026" not in f.request.content and "acme-invoices-2026" not in f.request.path
+    placeholder = f.request.query["tag"]
+    assert placeholder.startswith("AWS_S3_BUCKET_") and placeholder.encode() in f.request.content
+    assert addon.flows[f.id].rule_counts["repeat"] == 1
+
+
 @pytest.mark.parametrize("env", ["development", "production"])
 def test_streamed_reply_is_restored_and_inspectable_in_mitmweb(masker, env) -> None:
     addon, tctx = masker

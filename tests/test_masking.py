@@ -553,6 +553,95 @@ def test_a_value_is_recognised_by_the_name_beside_it() -> None:
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
 
 
+REPEATS_TEXT = (
+    "Why can't arn:aws:iam::123456789012:role/deploy-bot-prod assume it? The deploy-bot-prod role is new.\n"
+    "Billing shows 123456789012 twice. Bucket s3://acme-invoices-2026/reports/; acme-invoices-2026.\n"
+    "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+    "pasted again: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n")
+REPEATED = ["123456789012", "deploy-bot-prod", "acme-invoices-2026",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]
+
+
+def test_a_name_found_by_its_context_is_masked_where_it_repeats_without_it() -> None:
+    out, mapping = mask(REPEATS_TEXT.encode(), "text/plain")
+    for original in REPEATED:
+        assert original.encode() not in out, original
+        placeholder = {o: p for p, o in mapping.items()}[original.encode()]
+        assert out.count(placeholder) == 2, (original, out)  # one placeholder for both occurrences
+    assert restore_bytes(out, mapping)[0] == REPEATS_TEXT.encode()
+    plan = MASKER.plan(REPEATS_TEXT.encode(), "text/plain")
+    assert plan.rule_counts["repeat"] == 4
+    assert len(plan.items) == 4  # no new identifiers: the same four originals
+
+
+def test_repeats_in_other_json_strings_and_base64_documents_are_masked() -> None:
+    doc = {"messages": [
+        {"role": "user", "content": "assume arn:aws:iam::123456789012:role/deploy-bot-prod please"},
+        {"role": "assistant", "content": "Which account is deploy-bot-prod in?"},  # no hit of its own
+        {"role": "user", "content": [
+            {"type": "text", "text": "this one: 123456789012"},
+            {"type": "document", "source": {"type": "base64", "media_type": "text/plain",
+                                            "data": base64.b64encode(b"owner 123456789012\n").decode()}}]}],
+        "metadata": {"deploy-bot-prod": "key stays"}}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    masked = json.loads(out)
+    assert b"123456789012" not in out and b"deploy-bot-prod" not in out.replace(b'"deploy-bot-prod":', b"")
+    assert "deploy-bot-prod" in masked["metadata"]  # keys stay
+    document = base64.b64decode(masked["messages"][2]["content"][1]["source"]["data"])
+    assert b"123456789012" not in document and restore_bytes(document, mapping)[0] == b"owner 123456789012\n"
+    restored = json.loads(restore_bytes(out, mapping, in_json=True)[0])
+    restored["messages"][2]["content"][1] = doc["messages"][2]["content"][1]  # base64: compared above
+    assert restored == doc
+
+
+def test_repeats_are_found_when_the_client_escapes_slashes() -> None:
+    # The secret's "/" written as "\/" in the raw body: counting it there cannot tell; strings are searched.
+    body = (b'{"messages":[{"role":"user","content":"aws_secret_access_key = wJalrXUtnFEMI\\/K7MDENG\\/bPxRfi'
+            b'CYEXAMPLEKEY"},{"role":"user","content":"again wJalrXUtnFEMI\\/K7MDENG\\/'
+            b'bPxRfiCYEXAMPLEKEY"}]}')
+    assert json.loads(body)["messages"][1]["content"].endswith("/bPxRfiCYEXAMPLEKEY")
+    out, mapping = mask(body, "application/json")
+    assert b"bPxRfiCYEXAMPLEKEY" not in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
+
+
+@pytest.mark.parametrize("text", [
+    "deploy-bot-prod-2 and xdeploy-bot-prod and deploy-bot_prod",  # other, longer names
+    "deploy-bot-prod.example.com and api.deploy-bot-prod",  # a hostname that holds it
+    "1234567890123 and 123456789012345",  # longer numbers
+])
+def test_a_repeat_inside_a_longer_name_is_not_masked(text: str) -> None:
+    body = f"role arn:aws:iam::123456789012:role/deploy-bot-prod\n{text}".encode()
+    out, _ = mask(body, "text/plain")
+    assert out.endswith(text.encode())
+
+
+def test_short_names_of_letters_only_are_not_masked_everywhere() -> None:
+    # A role named "admin" found in an ARN: masking every "admin" in the prompt would hide the word itself.
+    out, _ = mask(b"arn:aws:iam::123456789012:role/admin\nthe admin team owns it", "text/plain")
+    assert out.endswith(b"the admin team owns it")
+    assert b"role/admin" not in out
+
+
+def test_repeats_in_a_body_too_large_to_count_each_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aws_masker.masking as masking
+
+    monkeypatch.setattr(masking, "REPEAT_COUNT_MAX", 1)  # one regex pass instead of a count per name
+    out, mapping = mask(REPEATS_TEXT.encode(), "text/plain")
+    for original in REPEATED:
+        assert original.encode() not in out, original
+    assert restore_bytes(out, mapping)[0] == REPEATS_TEXT.encode()
+
+
+def test_repeats_in_form_bodies() -> None:
+    body = b"q=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fdeploy-bot-prod&note=deploy-bot-prod+is+new"
+    out, mapping = mask(body, "application/x-www-form-urlencoded")
+    assert b"deploy-bot-prod" not in out and b"123456789012" not in out
+    restored = [(k, restore_bytes(v.encode(), mapping)[0].decode()) for k, v in parse_qsl(out.decode())]
+    assert restored == parse_qsl(body.decode())
+
+
 @pytest.mark.parametrize("body", [b"1", b"null", b"true", b"888880", b"-2.5e3"])
 def test_a_json_document_that_is_a_number_or_a_constant_is_forwarded_as_it_is(body: bytes) -> None:
     assert mask(body, "application/json") == (body, {})

@@ -284,6 +284,19 @@ def test_identifiers_in_the_url_are_masked_too(client, fake_upstream) -> None:
     assert ip is not None and f"host={ip.group().decode()}&" in rec.path  # one original, one placeholder
 
 
+def test_names_repeated_without_their_context_never_reach_the_upstream(client, fake_upstream) -> None:
+    """A role, an account and a bucket named once in context (an ARN, an S3 URI) and again on their own."""
+    text = ("arn:aws:iam::123456789012:role/deploy-bot-prod cannot write s3://acme-invoices-2026/x. "
+            "Is deploy-bot-prod in 123456789012? acme-invoices-2026 has versioning.")
+    r = client.post(fake_upstream.url_for("/echo?bucket=acme-invoices-2026"), content=text.encode(),
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 200 and r.content == text.encode()  # the echo, restored
+    rec = fake_upstream.last_request
+    for original in (b"deploy-bot-prod", b"123456789012", b"acme-invoices-2026"):
+        assert original not in rec.body and original.decode() not in rec.path, original
+    assert len(set(re.findall(rb"AWS_IAM_ROLE_\d+", rec.body))) == 1  # one placeholder for both
+
+
 def test_a_body_in_an_unknown_charset_is_refused_with_415(client, fake_upstream) -> None:
     r = post_raw(client, fake_upstream, b"i-0a1b2c3d4e5f60718",
                  **{"content-type": "text/plain; charset=x-mac-klingon"})

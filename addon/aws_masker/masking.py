@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import hashlib
 import json
 import operator
@@ -48,7 +49,7 @@ from itertools import accumulate
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
-from .scanner import Hit, Scanner
+from .scanner import Hit, Scanner, _trie_regex
 
 Key = tuple[str, bytes]  # (placeholder kind, original)
 
@@ -58,6 +59,7 @@ class Segment:
     data: bytes
     hits: list[Hit]
     keys: list[Key] = field(default_factory=list)  # (kind, original) of each hit
+    hidden: bool = False  # its text is not in the body as it is (a base64 document, decoded)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class MaskPlan:
     items: list[Key] = field(default_factory=list)  # unique, in order of first appearance
     item_rules: list[str] = field(default_factory=list)  # the rule that found each item first
     rule_counts: Counter[str] = field(default_factory=Counter)
+    names: dict[bytes, str] = field(default_factory=dict)  # originals masked wherever they repeat -> kind
     _assemble: Callable[[list[bytes]], bytes] | None = None
 
     @property
@@ -321,13 +324,20 @@ class BodyMasker:
             return self._plan_form(content)
         return self._plan_text(content)
 
-    def _finish(self, plan: MaskPlan) -> MaskPlan:
-        keys: list[Key] = []
-        rules: list[str] = []
+    def _finish(self, plan: MaskPlan, content: bytes = b"",
+                others: Callable[[dict[bytes, str]], None] | None = None, hidden: bool = False) -> MaskPlan:
+        """Count what the segments hold, after masking every repeat of a name found in ``content`` (the body
+        its segments come from); ``others`` finds them in the strings that are not segments yet; ``hidden``:
+        the body holds text that is not in ``content`` as it is (base64 documents)."""
         for seg in plan.segments:
             if not seg.keys and seg.hits:
                 data = seg.data
                 seg.keys = [(h[2], data[h[0]:h[1]]) for h in seg.hits]
+        if content and plan.segments:
+            self._repeats(plan, content, others, hidden)
+        keys: list[Key] = []
+        rules: list[str] = []
+        for seg in plan.segments:
             keys += seg.keys
             rules += [h[3] for h in seg.hits]
         plan.rule_counts.update(rules)
@@ -337,10 +347,47 @@ class BodyMasker:
         plan.item_rules = list(map(first_rule.__getitem__, plan.items))
         return plan
 
+    def _repeats(self, plan: MaskPlan, content: bytes,
+                 others: Callable[[dict[bytes, str]], None] | None, hidden: bool) -> None:
+        """Mask the other occurrences of names found in the request by their context.
+
+        An account ID is recognised in an ARN, a role's name after ``role/``, a bucket after ``s3://``, a
+        secret key after its label; the same text written again elsewhere in the request (``the deploy-bot
+        role``, an account ID in a table, the secret pasted twice) has no such context, and would leave. So
+        every name found (see ``_repeatable``) is masked wherever it stands on its own in the request, with
+        the same placeholder. Counting its occurrences in the body (C speed) tells whether any is left;
+        only then are the strings searched (always when some text is not in the body as it is)."""
+        counts: Counter[bytes] = Counter()
+        kinds: dict[bytes, str] = {}
+        for seg in plan.segments:
+            for kind, original in seg.keys:
+                if not seg.hidden:
+                    counts[original] += 1
+                kinds.setdefault(original, kind)
+        names = {o: kinds[o] for o in kinds if _repeatable(o)}
+        plan.names = names
+        if not names:
+            return
+        if hidden:
+            wanted = names
+        elif len(names) * len(content) > REPEAT_COUNT_MAX:  # counting each would cost more than a regex pass
+            found = Counter(re.findall(_trie_regex_of(names), content))
+            wanted = {o: k for o, k in names.items() if found[o] != counts[o]}
+        else:
+            wanted = {o: k for o, k in names.items() if content.count(o) != counts[o]}
+        if not wanted:
+            return
+        for seg in plan.segments:
+            more = repeats_in(seg.data, seg.hits, wanted)
+            if more:
+                seg.hits, seg.keys = merge_kept(seg.hits, seg.keys, more)
+        if others is not None:
+            others(wanted)
+
     def _plan_text(self, content: bytes) -> MaskPlan:
         hits, keys = self.scan_text(content)
         plan = MaskPlan("text", [Segment(content, hits, keys)], _assemble=lambda parts: parts[0])
-        return self._finish(plan)
+        return self._finish(plan, content)
 
     def _plan_json(self, content: bytes, ascii_only: bool = False) -> MaskPlan | None:
         """``ascii_only``: the body declares a charset other than UTF-8; it is written back with every
@@ -368,6 +415,7 @@ class BodyMasker:
         # (container, the key it sits under as text: b'"AWS": [' for a list, b'' at the top)
         stack: list[tuple[Any, bytes]] = [(doc, b"")]
         strings = 0  # keys and string values: a raw body with more strings has duplicate keys
+        hidden = False  # a text document in base64 was read
         while stack:  # iterative: deep nesting must not exhaust the Python stack
             node, under = stack.pop()
             in_dict = isinstance(node, dict)
@@ -402,9 +450,10 @@ class BodyMasker:
                         encoded = _base64_text(v, node if in_dict else None)
                         if encoded is not None:  # text sent as base64 (a document, a data: URL)
                             prefix, text = encoded
+                            hidden = True
                             hits, keys = self.scan_text(text)
                             if hits:
-                                segments.append(Segment(text, hits, keys))
+                                segments.append(Segment(text, hits, keys, hidden=True))
                                 slots.append((node, k, _base64_wrapper(prefix)))
                             continue
                     if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
@@ -448,7 +497,41 @@ class BodyMasker:
         # the body as it is would send it (json.dumps writes each key once).
         duplicates = not slots and _string_tokens(content) != strings
 
-        return self._finish(MaskPlan("json", segments, _assemble=assemble))
+        def others(wanted: dict[bytes, str]) -> None:
+            """Repeats of ``wanted`` names in the strings that held no hit (so are no segment yet)."""
+            done = {(id(node), k, wrap is _as_key) for node, k, wrap in slots}
+            stack: list[Any] = [doc]
+            while stack:
+                node = stack.pop()
+                in_dict = isinstance(node, dict)
+                if in_dict and self.mask_keys:
+                    for k in node:
+                        if isinstance(k, str) and (id(node), k, True) not in done:
+                            kb = k.encode("utf-8", "surrogatepass")
+                            more = repeats_in(kb, [], wanted)
+                            if more:
+                                segments.append(Segment(kb, [h for h, _ in more], [x for _, x in more]))
+                                slots.append((node, k, _as_key))
+                for k, v in (node.items() if in_dict else enumerate(node)):
+                    if isinstance(v, str):
+                        if (id(node), k, False) in done:
+                            continue
+                        b = v.encode("utf-8", "surrogatepass")
+                        wrap: Callable[[bytes], str] | None = None
+                        if len(b) >= 16 and (k == "data" or b.startswith((b"data:", b"DATA:"))):
+                            encoded = _base64_text(v, node if in_dict else None)
+                            if encoded is not None:
+                                wrap = _base64_wrapper(encoded[0])
+                                b = encoded[1]
+                        more = repeats_in(b, [], wanted)
+                        if more:
+                            segments.append(Segment(b, [h for h, _ in more], [x for _, x in more],
+                                                    hidden=wrap is not None))
+                            slots.append((node, k, wrap))
+                    elif isinstance(v, (dict, list)):
+                        stack.append(v)
+
+        return self._finish(MaskPlan("json", segments, _assemble=assemble), content, others, hidden)
 
     def _plan_form(self, content: bytes) -> MaskPlan:
         text = content.decode("utf-8", "surrogateescape")
@@ -468,7 +551,7 @@ class BodyMasker:
                    for k, v in zip(parts[0::2], parts[1::2], strict=True)]
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
-        return self._finish(MaskPlan("form", segments, _assemble=assemble))
+        return self._finish(MaskPlan("form", segments, _assemble=assemble), content)
 
 
 class UnreadableBody(ValueError):
@@ -649,6 +732,75 @@ def _merge(found: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
             keys.append(k)
             pos = h[1]
     return hits, keys
+
+
+# Repeats (BodyMasker._repeats): which originals are names worth masking wherever they stand again.
+REPEAT_RULE = "repeat"  # the rule id of such hits (counted in events and the flow's comment like a rule)
+REPEAT_COUNT_MAX = 8 << 20  # names x body bytes above which one regex pass replaces counting each name
+_REPEATABLE = re.compile(rb"[A-Za-z0-9._@=,+/-]{5,256}")  # no quote, backslash, "%", colon or space
+# Originals whose own shape gives them away wherever they stand: the rules find their repeats anyway.
+_SELF_EVIDENT = re.compile(rb"[a-z]+(?:-[a-z]+)*-[0-9a-f]{8,17}|A[A-Z0-9]{19}|[0-9]{1,3}(?:\.[0-9]{1,3}){3}|"
+                           rb".*\.(?:amazonaws\.com(?:\.cn)?|aws|cloudfront\.net|awsapps\.com)")
+_LETTERS = re.compile(rb"[A-Za-z]+")
+_NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _repeatable(original: bytes) -> bool:
+    """Whether other occurrences of ``original`` in a request are masked too: a name at least 5 bytes long
+    that is not only letters unless 12 or more (``deploy-bot``, an account ID, a secret key; not ``admin``,
+    which would mask the word everywhere), written without escapes, and not of a shape the rules find
+    anywhere (an instance ID, an access key ID, an IPv4 address, an AWS hostname)."""
+    return (_REPEATABLE.fullmatch(original) is not None
+            and (len(original) >= 12 or _LETTERS.fullmatch(original) is None)
+            and _SELF_EVIDENT.fullmatch(original) is None)
+
+
+def repeats_in(data: bytes, hits: Sequence[Hit], names: dict[bytes, str]) -> list[tuple[Hit, Key]]:
+    """Where the ``names`` (original -> kind) stand on their own in ``data`` outside ``hits``: not inside a
+    longer name (a letter, digit, ``_`` or ``-`` on either side, or a ``.`` that a letter or digit follows,
+    as in a hostname). Leftmost first, the longest at one start, no overlaps."""
+    found: list[tuple[Hit, Key]] = []
+    size = len(data)
+    for original, kind in names.items():
+        i = data.find(original)
+        while i >= 0:
+            e = i + len(original)
+            if (i == 0 or (data[i - 1] not in _NAME_BYTES and data[i - 1] != 0x2E)) and (
+                    e == size or (data[e] not in _NAME_BYTES
+                                  and not (data[e] == 0x2E and e + 1 < size and data[e + 1] in _NAME_BYTES))):
+                found.append((Hit(i, e, kind, REPEAT_RULE), (kind, original)))
+            i = data.find(original, i + 1)
+    if not found:
+        return found
+    if hits:
+        starts = [h[0] for h in hits]
+        kept = []
+        for h, k in found:
+            j = bisect_left(starts, h[1])  # hits that start before this one ends
+            if j == 0 or hits[j - 1][1] <= h[0]:
+                kept.append((h, k))
+        found = kept
+    kept_hits, kept_keys = _merge(found)
+    return list(zip(kept_hits, kept_keys, strict=True))
+
+
+def merge_kept(hits: list[Hit], keys: list[Key], more: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
+    """``hits`` and the non-overlapping ``more`` that overlap none of them, in order."""
+    both = sorted([*zip(hits, keys, strict=True), *more], key=_hit_start)
+    return [h for h, _ in both], [k for _, k in both]
+
+
+def _hit_start(hk: tuple[Hit, Key]) -> int:
+    return hk[0][0]
+
+
+@functools.lru_cache(maxsize=8)
+def _trie_regex_of_cached(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    return re.compile(_trie_regex(set(names)))
+
+
+def _trie_regex_of(names: dict[bytes, str]) -> re.Pattern[bytes]:
+    return _trie_regex_of_cached(frozenset(names))
 
 
 def _key_context(key: str, tail: bytes) -> bytes:
