@@ -617,6 +617,15 @@ def test_a_repeat_inside_a_longer_name_is_not_masked(text: str) -> None:
     assert out.endswith(text.encode())
 
 
+def test_only_what_rules_find_by_context_is_searched_for_repeats() -> None:
+    standalone = SCANNER.standalone_rules()
+    assert {"aws-ec2-instance-id", "ipv4-address", "aws-access-key-id"} <= standalone  # found anywhere
+    assert not {"aws-arn-iam", "aws-s3-uri", "aws-secret-access-key", "aws-account-id-field"} & standalone
+    plan = MASKER.plan(b"i-0123456789abcdef0 10.1.2.3 arn:aws:iam::123456789012:role/deploy-bot",
+                       "text/plain")
+    assert plan.names == {b"123456789012": "ACCOUNT", b"deploy-bot": "IAM_ROLE"}
+
+
 def test_short_names_of_letters_only_are_not_masked_everywhere() -> None:
     # A role named "admin" found in an ARN: masking every "admin" in the prompt would hide the word itself.
     out, _ = mask(b"arn:aws:iam::123456789012:role/admin\nthe admin team owns it", "text/plain")

@@ -365,6 +365,22 @@ class Scanner:
             return None
         return re.compile(rb"_(?=(?i:" + _trie_regex(found) + rb"))")
 
+    def standalone_rules(self) -> frozenset[str]:
+        """Ids of the rules whose every example value is found again on its own, without the text around
+        it (an instance ID, an IPv4 address, an AWS hostname): what they find, they find anywhere. Rules
+        that need context (an account ID in an ARN, a bucket after ``s3://``) and rules without examples are
+        not among them."""
+        found = set()
+        for rule in self.rules:
+            values = [v.encode("utf-8") for ex in rule.examples for v in ex.masked]
+            if values and all(self._whole(v) for v in values):
+                found.add(rule.id)
+        return frozenset(found)
+
+    def _whole(self, value: bytes) -> bool:
+        hits = self._scan(value)
+        return len(hits) == 1 and hits[0][0] == 0 and hits[0][1] == len(value)
+
     def scan_values(self, data: bytes) -> list[bytes]:
         """The masked substrings of ``data`` (for rule examples and tools)."""
         return [data[h.start:h.end] for h in self.scan(data)]
