@@ -34,6 +34,7 @@ IDS = [
     "arn:aws-us-gov:s3:::gov-bucket-logs",
 ]
 IDENTIFYING = ["i-0a1b2c3d4e5f60718", "i-0123abcd", "123456789012", "DeployRole", "gov-bucket-logs"]
+BARE = ["123456789012", "gov-bucket-logs"]  # names of the ARNs above, on their own: masked as repeats
 
 
 def mask(content: bytes, ctype: str = "",
@@ -711,7 +712,7 @@ FILLER = st.text(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(FILLER, st.sampled_from(IDS + [""])), max_size=12), FILLER)
+@given(st.lists(st.tuples(FILLER, st.sampled_from(IDS + BARE + [""])), max_size=12), FILLER)
 def test_property_restore_of_mask_is_identity(parts: list[tuple[str, str]], tail: str) -> None:
     text = ("".join(f + i for f, i in parts) + tail).encode()
     out, mapping = mask(text, "text/plain")
@@ -724,8 +725,11 @@ def test_identifiers_at_every_position_never_leak(seed: int) -> None:
     words = ["deploy", "the", "stack", "us-east-1", "m5.large", "v1.2.3", "->", "(", ")", "'", '"']
     parts = []
     for _ in range(60):
-        parts.append(rnd.choice(words + IDS))
+        parts.append(rnd.choice(words + IDS + BARE))
         parts.append(rnd.choice([" ", "\n", ", ", " / ", ": ", "\t", "; "]))
+    at = sorted(2 * rnd.randrange(61) for _ in range(2))  # before a word: where the ARNs that give away the
+    for arn, k in zip(IDS[2:4], reversed(at), strict=True):  # names of BARE go (the later one first)
+        parts.insert(k, arn + " ")
     text = "".join(parts).encode()
     out, mapping = mask(text)
     assert restore_bytes(out, mapping)[0] == text
