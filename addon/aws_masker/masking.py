@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import functools
 import hashlib
 import json
 import operator
@@ -45,7 +44,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
@@ -359,24 +358,24 @@ class BodyMasker:
         every name found (see ``_repeatable``) is masked wherever it stands on its own in the request, with
         the same placeholder. Counting its occurrences in the body (C speed) tells whether any is left;
         only then are the strings searched (always when some text is not in the body as it is)."""
-        counts: Counter[bytes] = Counter()
-        kinds: dict[bytes, str] = {}
         standalone = self._standalone
+        found: list[Key] = []  # (kind, original) of the hits of rules that need context
         for seg in plan.segments:
-            for hit, (kind, original) in zip(seg.hits, seg.keys, strict=True):
-                if not seg.hidden:
-                    counts[original] += 1
-                if hit[3] not in standalone:
-                    kinds.setdefault(original, kind)
-        names = {o: k for o, k in kinds.items() if _repeatable(o)}
+            found += [k for h, k in zip(seg.hits, seg.keys, strict=True) if h[3] not in standalone]
+        if not found:
+            return
+        # original -> kind of its first hit (reversed: the first assignment is the last)
+        names = {o: k for k, o in reversed(found) if _repeatable(o)}
         plan.names = names
         if not names:
             return
+        counts = Counter(map(_ORIGINAL, chain.from_iterable(
+            seg.keys for seg in plan.segments if not seg.hidden)))
         if hidden:
             wanted = names
-        elif len(names) > REPEAT_COUNT_MAX:  # counting each would cost more than one regex pass
-            found = Counter(re.findall(_trie_regex_of(names), content))
-            wanted = {o: k for o, k in names.items() if found[o] != counts[o]}
+        elif len(names) * len(content) > REPEAT_COUNT_MAX:  # counting each costs more than one regex pass
+            seen = Counter(re.findall(_trie_regex(set(names)), content))
+            wanted = {o: k for o, k in names.items() if seen[o] != counts[o]}
         else:
             wanted = {o: k for o, k in names.items() if content.count(o) != counts[o]}
         if not wanted:
@@ -740,9 +739,10 @@ def _merge(found: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
 
 # Repeats (BodyMasker._repeats): which originals are names worth masking wherever they stand again.
 REPEAT_RULE = "repeat"  # the rule id of such hits (counted in events and the flow's comment like a rule)
-# Counting a name in the body costs ~0.35 ns a byte, a regex pass for all of them ~17 ns a byte: with more
-# names than this, one pass.
-REPEAT_COUNT_MAX = 48
+# Counting a name in the body costs ~0.35 ns a byte; one regex pass for all names ~17 ns a byte, after
+# compiling it (~25 µs a name, every request: names are new). Names x body bytes above which one pass wins:
+REPEAT_COUNT_MAX = 32 << 20
+_ORIGINAL = operator.itemgetter(1)
 _REPEATABLE = re.compile(rb"[A-Za-z0-9._@=,+/-]{5,256}")  # no quote, backslash, "%", colon or space
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -794,15 +794,6 @@ def merge_kept(hits: list[Hit], keys: list[Key], more: list[tuple[Hit, Key]]) ->
 
 def _hit_start(hk: tuple[Hit, Key]) -> int:
     return hk[0][0]
-
-
-@functools.lru_cache(maxsize=8)
-def _trie_regex_of_cached(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    return re.compile(_trie_regex(set(names)))
-
-
-def _trie_regex_of(names: dict[bytes, str]) -> re.Pattern[bytes]:
-    return _trie_regex_of_cached(frozenset(names))
 
 
 def _key_context(key: str, tail: bytes) -> bytes:
