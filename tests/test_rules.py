@@ -197,6 +197,41 @@ def test_assertions_are_dropped_only_where_they_are_assertions() -> None:
     assert relax(rb"(?<![\w.)])(?P<x>\d+)(?=[)(]|(a))(?!\))z") == rb"(?P<x>\d+)z"
 
 
+def test_an_opening_look_behind_and_a_closing_look_ahead_become_part_of_the_match() -> None:
+    from aws_masker.scanner import _consume_lookarounds as consume
+    from aws_masker.scanner import _end_pattern
+
+    assert consume(rb"(?<![\w.])(?:\d{12}):(?=/[\w.#-])") == (rb"(?<![\w.])(?:\d{12}):(?:/[\w.#-])", True)
+    assert consume(rb"(?i)(?<=[\s\"',])\d{12}\b") == (rb"(?i)(?:[\s\"',])\d{12}\b", False)
+    assert consume(rb"a(?=b)c") == (rb"a(?=b)c", False)  # not the last: c must match where b does
+    assert consume(rb"x[)](?=y)") == (rb"x[)](?:y)", True)  # a ")" in a class closes nothing
+    assert consume(rb"(a)(?=b(c))") == (rb"(a)(?:b(c))", True)
+    assert consume(rb"a(?=b)", ahead=False) == (rb"a(?=b)", False)
+    # unbounded rules keep their look-ahead dropped: their search checks each reported end is a match's end
+    assert _end_pattern(rb"\w+(?=z)", 1 << 20) == (rb"\w+", False)
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+def test_engines_agree_on_rules_whose_look_arounds_are_part_of_the_located_match() -> None:
+    parts = [
+        "111122223333  arn:aws:iam::111122223333:role/Admin",  # before-arn (look-ahead)
+        "111122223333 | arn:aws:sts::444455556666:assumed-role/R/s",
+        "fields @log | 123456789012:/aws/lambda/fn",  # log-insights (look-ahead)
+        '"AWS": ["arn:aws:iam::111122223333:root", "444455556666", \'555566667777\']',  # list-next
+        "AWS:\n  - arn:aws:iam::111122223333:user/alice\n  - 444455556666\n",
+        "arn:aws:iam::111122223333:root,444455556666",
+        "123456789012:", "123456789012 ", "arn:aws:iam::123456789012:role/x 123456789012",
+    ]
+    rnd = random.Random(5)
+    for _ in range(200):
+        text = "".join(rnd.choice(parts) + rnd.choice(["", " ", "\n", ",", "\t", "::"]) for _ in range(6))
+        data = text.encode()
+        assert full_scanner("hyperscan").scan(data) == full_scanner("python").scan(data), text
+    for cut in range(1, 60):  # a look-ahead that runs past the end of the text
+        data = parts[0].encode()[:cut]
+        assert full_scanner("hyperscan").scan(data) == full_scanner("python").scan(data), data
+
+
 @pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
 def test_engines_agree_where_dropped_boundaries_report_extra_ends() -> None:
     # Hyperscan locates rules without a literal prefix by their match ends, with their word boundaries

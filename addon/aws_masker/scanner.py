@@ -103,6 +103,88 @@ def _without_assertions(pattern: bytes) -> bytes:
     return bytes(out)
 
 
+_LEADING_FLAGS = re.compile(rb"(?:\(\?[aiLmsux]+\))*")
+
+
+def _group_end(pattern: bytes, i: int) -> int:
+    """The index just past the group that opens at ``pattern[i]`` (a ``(``), or -1."""
+    depth = 0
+    n = len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == 0x5C:  # an escape: two bytes
+            i += 2
+            continue
+        if c == 0x5B:
+            i = _class_end(pattern, i)
+            continue
+        if c == 0x28:
+            depth += 1
+        elif c == 0x29:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def _consume_lookarounds(pattern: bytes, ahead: bool = True) -> tuple[bytes, bool]:
+    r"""For the database that reports where matches END: a look-behind that opens the pattern and a
+    look-ahead that closes it, made part of the match (``(?<=X)A(?=Y)`` → ``(?:X)A(?:Y)``), and whether the
+    look-ahead was (an end is then reported up to its length past the real end).
+
+    Every real match still yields a reported end, so no candidate is lost, and far fewer false ones are
+    reported than with the look-arounds dropped (``\d{12}(?=[ \t]+arn:aws:iam::)`` no longer reports every
+    account ID in every ARN). Look-arounds elsewhere are dropped by ``_without_assertions``; so is the
+    closing look-ahead unless ``ahead``."""
+    flags = _LEADING_FLAGS.match(pattern)
+    head = flags.end() if flags else 0
+    out = pattern
+    if pattern.startswith(b"(?<=", head):
+        end = _group_end(pattern, head)
+        if end > 0:
+            out = pattern[:head] + b"(?:" + pattern[head + 4:]
+    consumed = False
+    if ahead and out.endswith(b")"):
+        # the group that the last ")" closes: scan groups at the top level from the start
+        i, n = head, len(out)
+        last_open = -1
+        while i < n:
+            c = out[i]
+            if c == 0x5C:
+                i += 2
+                continue
+            if c == 0x5B:
+                i = _class_end(out, i)
+                continue
+            if c == 0x28:
+                end = _group_end(out, i)
+                if end < 0:
+                    return out, False
+                if end == n:
+                    last_open = i
+                i = end
+                continue
+            i += 1
+        if last_open >= 0 and out.startswith(b"(?=", last_open):
+            out = out[:last_open] + b"(?:" + out[last_open + 3:]
+            consumed = True
+    return out, consumed
+
+
+def _class_end(pattern: bytes, i: int) -> int:
+    """The index just past the character class that opens at ``pattern[i]`` (a ``[``)."""
+    n = len(pattern)
+    i += 1
+    if i < n and pattern[i] == 0x5E:
+        i += 1
+    if i < n and pattern[i] == 0x5D:
+        i += 1
+    while i < n and pattern[i] != 0x5D:
+        i += 2 if pattern[i] == 0x5C else 1
+    return i + 1
+
+
 class Scanner:
     def __init__(self, rules: Sequence[Rule], engine: str = "auto") -> None:
         if engine not in ("auto", "hyperscan", "python"):
@@ -113,6 +195,9 @@ class Scanner:
         self._targets = [(r, list(r.targets().items())) for r in self.rules]
         self._widths = [_max_width(r.regex) for r in self.rules]
         self._ahead = [_lookahead_reach(r.regex) for r in self.rules]  # how far past a match it looks
+        # how far past a match's end Hyperscan may report it (its closing look-ahead made part of it)
+        self._past = [self._ahead[i] if _end_pattern(_to_hyperscan(r.regex), self._widths[i])[1] else 0
+                      for i, r in enumerate(self.rules)]
         # per rule: (group, kind, groups its {template} names) of each part it masks
         self._expansions = [[(g or 0, k, _template_groups(k)) for g, k in t] for _, t in self._targets]
         # (kind, rule id) of rules whose hit is simply their whole match: no groups, checks or templates.
@@ -188,10 +273,11 @@ class Scanner:
             i = 0
             widths = self._widths
             aheads = self._ahead
+            past = self._past
             size = len(data)
             while i < n:
                 rid, end = ends[i]
-                width = widths[rid]
+                width = widths[rid] + past[rid]
                 lo = end - width if end > width else 0
                 hi = end
                 first = i
@@ -448,7 +534,7 @@ def _build_databases(rules: Sequence[Rule], patterns: tuple[bytes, ...]) \
         db_start = hyperscan.Database()
         db_start.compile(expressions=lit_patterns, ids=list(range(len(lit_patterns))),
                          elements=len(lit_patterns), flags=lit_flags)
-    relaxed = tuple(_without_assertions(p) for p in patterns)
+    relaxed = tuple(_end_pattern(p, _max_width(r.regex))[0] for p, r in zip(patterns, rules, strict=True))
     db_end, ok_end = _compile_hyperscan(relaxed, ids, rest, 0)
     ok = {rid for users in locators for rid, _ in users} | set(ok_end)
     return db_start, locators, db_end, ok
@@ -536,6 +622,14 @@ CACHE_ENTRIES = 4096  # ... at most this many (least recently used go first)
 CACHE_HITS = 20_000  # ... holding at most this many hits together (~4 MB with their keys)
 WINDOW = 1024  # how far back from a match end a rule is searched first (its longest match if shorter)
 MAX_WINDOW = 64 * 1024  # ... and at most, when a rule's matches may be longer than WINDOW
+
+
+def _end_pattern(pattern: bytes, width: int) -> tuple[bytes, bool]:
+    """The pattern of a rule for the database that reports where matches end, and whether an end may lie
+    past the real one (see ``_consume_lookarounds``: not for rules whose matches may be longer than the
+    window, whose search checks that every reported end is a match's end)."""
+    consumed, past = _consume_lookarounds(pattern, ahead=width < WINDOW)
+    return _without_assertions(consumed), past
 
 
 def _max_width(regex: str) -> int:
