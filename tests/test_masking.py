@@ -634,14 +634,27 @@ def test_short_names_of_letters_only_are_not_masked_everywhere() -> None:
     assert b"role/admin" not in out
 
 
-def test_repeats_in_a_body_too_large_to_count_each_name(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_search_for_repeats_is_bounded_to_the_first_names(monkeypatch: pytest.MonkeyPatch) -> None:
     import aws_masker.masking as masking
 
-    monkeypatch.setattr(masking, "REPEAT_COUNT_MAX", 1)  # one regex pass instead of a count per name
-    out, mapping = mask(REPEATS_TEXT.encode(), "text/plain")
-    for original in REPEATED:
-        assert original.encode() not in out, original
-    assert restore_bytes(out, mapping)[0] == REPEATS_TEXT.encode()
+    text = REPEATS_TEXT.encode()
+    monkeypatch.setattr(masking, "REPEAT_BUDGET", len(text))  # one name x this body: two names searched
+    plan = MASKER.plan(text, "text/plain")
+    assert list(plan.names) == [b"123456789012", b"deploy-bot-prod"] and plan.names_left >= 2
+    out, mapping = mask(text, "text/plain")
+    assert b"123456789012" not in out and b"deploy-bot-prod" not in out
+    assert out.count(b"acme-invoices-2026") == 1  # its repeat was not searched
+    assert restore_bytes(out, mapping)[0] == text
+
+
+def test_a_repeat_written_with_ascii_escapes_is_found() -> None:
+    # "deploy\u002dbot-prod" is "deploy-bot-prod": counting the name's bytes in the body cannot see it.
+    body = (b'{"messages":[{"role":"user","content":"arn:aws:iam::123456789012:role/deploy-bot-prod"},'
+            b'{"role":"user","content":"is deploy\\u002dbot-prod new?"}]}')
+    assert json.loads(body)["messages"][1]["content"] == "is deploy-bot-prod new?"
+    out, mapping = mask(body, "application/json")
+    assert "deploy-bot-prod" not in json.loads(out)["messages"][1]["content"]
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
 
 
 def test_repeats_in_form_bodies() -> None:

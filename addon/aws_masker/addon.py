@@ -610,6 +610,10 @@ class AwsMasker:
             plan = self.body_masker.plan(content, req.headers.get("content-type", ""))
         except UnreadableBody as e:
             raise Blocked(415, str(e)) from None
+        if plan.names_left and self.dev:
+            log.info("aws-masker: %s repeats were searched for the first %d names only, up to %d more were "
+                     "not (a %d-byte body; see docs/security.md)", flow.id[:8], len(plan.names),
+                     plan.names_left, len(content))
         # The URL leaves too (a query parameter, a resource in the path): scanned like text.
         path = req.path.encode("utf-8", "surrogateescape")
         path_hits, path_keys = self.body_masker.scan_text(path)

@@ -48,7 +48,7 @@ from itertools import accumulate, chain
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
-from .scanner import Hit, Scanner, _trie_regex
+from .scanner import Hit, Scanner
 
 Key = tuple[str, bytes]  # (placeholder kind, original)
 
@@ -71,6 +71,7 @@ class MaskPlan:
     item_rules: list[str] = field(default_factory=list)  # the rule that found each item first
     rule_counts: Counter[str] = field(default_factory=Counter)
     names: dict[bytes, str] = field(default_factory=dict)  # originals masked wherever they repeat -> kind
+    names_left: int = 0  # at most this many names were not searched for repeats (see REPEAT_BUDGET)
     _assemble: Callable[[list[bytes]], bytes] | None = None
 
     @property
@@ -364,18 +365,23 @@ class BodyMasker:
             found += [k for h, k in zip(seg.hits, seg.keys, strict=True) if h[3] not in standalone]
         if not found:
             return
-        # original -> kind of its first hit (reversed: the first assignment is the last)
-        names = {o: k for k, o in reversed(found) if _repeatable(o)}
+        names: dict[bytes, str] = {}  # original -> kind of its first hit, in the order they came
+        limit = REPEAT_BUDGET // len(content) + 1  # the work is bounded: the first names found are searched
+        for kind, original in found:
+            if original not in names and _repeatable(original):
+                if len(names) == limit:
+                    plan.names_left = len(set(map(_ORIGINAL, found))) - limit  # at most this many
+                    break
+                names[original] = kind
         plan.names = names
         if not names:
             return
-        counts = Counter(map(_ORIGINAL, chain.from_iterable(
-            seg.keys for seg in plan.segments if not seg.hidden)))
-        if hidden:
+        counts = Counter(o for o in map(_ORIGINAL, chain.from_iterable(
+            seg.keys for seg in plan.segments if not seg.hidden)) if o in names)
+        if hidden or (0x5C in content and _ASCII_ESCAPE.search(content)):
+            # Text not in the body as it is (base64), or ASCII written as \u00XX escapes (a name's "-" as
+            # \u002d would not be counted): the strings are searched.
             wanted = names
-        elif len(names) * len(content) > REPEAT_COUNT_MAX:  # counting each costs more than one regex pass
-            seen = Counter(re.findall(_trie_regex(set(names)), content))
-            wanted = {o: k for o, k in names.items() if seen[o] != counts[o]}
         else:
             wanted = {o: k for o, k in names.items() if content.count(o) != counts[o]}
         if not wanted:
@@ -739,9 +745,11 @@ def _merge(found: list[tuple[Hit, Key]]) -> tuple[list[Hit], list[Key]]:
 
 # Repeats (BodyMasker._repeats): which originals are names worth masking wherever they stand again.
 REPEAT_RULE = "repeat"  # the rule id of such hits (counted in events and the flow's comment like a rule)
-# Counting a name in the body costs ~0.35 ns a byte; one regex pass for all names ~17 ns a byte, after
-# compiling it (~25 µs a name, every request: names are new). Names x body bytes above which one pass wins:
-REPEAT_COUNT_MAX = 32 << 20
+# Counting a name in the body costs ~0.35 ns a byte (a regex pass for all names, ~17 ns a byte after ~25 µs
+# a name compiling it, or splitting the body into words, ~25 ns a byte, would cost as much as the scan
+# itself): at most this many names x body bytes are counted (~1.5 ms), the first names found first.
+REPEAT_BUDGET = 4 << 20
+_ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9A-Fa-f]")  # a JSON escape of a printable ASCII character
 _ORIGINAL = operator.itemgetter(1)
 _REPEATABLE = re.compile(rb"[A-Za-z0-9._@=,+/-]{5,256}")  # no quote, backslash, "%", colon or space
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
