@@ -9,6 +9,7 @@ background thread) on ``127.0.0.1:<free port>``.  It records every request and a
 * ``POST /v2/chat``               Cohere v2 chat (JSON or ``content-delta`` … SSE events)
 * ``POST /v1beta/models/<model>:generateContent`` and ``:streamGenerateContent?alt=sse``
                                  Google Gemini (JSON, or SSE of ``GenerateContentResponse`` chunks)
+* ``POST /api/chat``              Ollama chat (JSON with ``"stream": false``, else NDJSON: an object a line)
 * anything else                  echoes the raw request body byte-for-byte (same content-type)
 
 The "model" echoes: its reply text is ``expected_reply_text(request_json)`` — the system
@@ -70,12 +71,14 @@ OPENAI_CHAT = "openai-chat"
 RESPONSES = "responses"
 GEMINI = "gemini"
 COHERE = "cohere"
+OLLAMA = "ollama"
 
 ROUTES = {
     "/v1/messages": ANTHROPIC,
     "/v1/chat/completions": OPENAI_CHAT,
     "/v1/responses": RESPONSES,
     "/v2/chat": COHERE,
+    "/api/chat": OLLAMA,
 }
 
 DEFAULT_MODEL = "fake-echo-1"
@@ -107,9 +110,11 @@ def gemini_path(model: str = "gemini-test", *, stream: bool = False) -> str:
 
 
 def is_stream_request(api: str, route: str, payload: dict[str, Any]) -> bool:
-    """Gemini streams by route; the others by ``"stream": true``."""
+    """Gemini streams by route; Ollama unless ``"stream": false``; the others by ``"stream": true``."""
     if api == GEMINI:
         return route.endswith(":streamGenerateContent")
+    if api == OLLAMA:
+        return payload.get("stream", True) is not False
     return bool(payload.get("stream"))
 
 
@@ -611,6 +616,8 @@ def error_body(api: str, status: int, message: str) -> dict[str, Any]:
         return anthropic_error(status, message)
     if api == COHERE:
         return {"id": "err_fake", "message": message}
+    if api == OLLAMA:
+        return {"error": message}
     return gemini_error(status, message) if api == GEMINI else openai_error(status, message)
 
 
@@ -692,6 +699,30 @@ def cohere_events(c: _Ctx) -> list[SSE]:
     return out
 
 
+def ollama_response(c: _Ctx) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    if c.tools:  # Ollama's tool call arguments are an object, not a JSON text
+        call = {"name": tool_name(c.req), "arguments": expected_tool_input(c.req)}
+        message["tool_calls"] = [{"function": call}]
+    return {"model": c.model, "created_at": "2026-11-26T10:00:00.000000Z", "message": message, "done": True,
+            "done_reason": "stop", "total_duration": 1000, "prompt_eval_count": c.in_tokens,
+            "eval_count": _tokens(c.text + c.args)}
+
+
+def ollama_events(c: _Ctx) -> list[SSE]:
+    """NDJSON lines: the text in pieces, the tool call whole, then a last line with ``"done": true``."""
+    base = {"model": c.model, "created_at": "2026-11-26T10:00:00.000000Z"}
+    out: list[SSE] = [(None, {**base, "message": {"role": "assistant", "content": p}, "done": False})
+                      for p in split_text(c.text, c.delta_chars)]
+    full = ollama_response(c)
+    if c.tools:
+        out.append((None, {**base, "message": {"role": "assistant", "content": "",
+                                                "tool_calls": full["message"]["tool_calls"]}, "done": False}))
+    last = {k: v for k, v in full.items() if k != "message"}
+    out.append((None, {**last, "message": {"role": "assistant", "content": ""}}))
+    return out
+
+
 def stream_error_event(api: str, message: str, seq: int) -> SSE:
     if api == ANTHROPIC:
         return ("error", {"type": "error", "error": {"type": "overloaded_error", "message": message}})
@@ -699,6 +730,8 @@ def stream_error_event(api: str, message: str, seq: int) -> SSE:
         return (None, openai_error(500, message))
     if api == GEMINI:
         return (None, gemini_error(500, message))
+    if api == OLLAMA:
+        return (None, {"error": message})
     if api == COHERE:
         return ("error", {"type": "error", "message": message})
     return ("error", {"type": "error", "code": "server_error", "message": message, "param": None,
@@ -714,8 +747,8 @@ def request_for(api: str, text: str, *, system: str = "", tools: bool = False,
                "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
         if tools:
             req["tools"] = [{"name": "lookup", "description": "d", "input_schema": {"type": "object"}}]
-    elif api in (OPENAI_CHAT, COHERE):  # Cohere v2 chat takes the same messages and tools
-        req = {"model": "gpt-test" if api == OPENAI_CHAT else "command-test",
+    elif api in (OPENAI_CHAT, COHERE, OLLAMA):  # Cohere v2 and Ollama chat take the same messages and tools
+        req = {"model": {OPENAI_CHAT: "gpt-test", COHERE: "command-test", OLLAMA: "llama-test"}[api],
                "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
         if tools:
             req["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
@@ -733,8 +766,8 @@ def request_for(api: str, text: str, *, system: str = "", tools: bool = False,
         return req
     else:
         raise ValueError(f"unknown api {api!r}")
-    if stream:
-        req["stream"] = True
+    if stream or api == OLLAMA:  # Ollama streams unless told not to
+        req["stream"] = stream
     return req
 
 
@@ -742,14 +775,14 @@ def build_reply(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16
     """Non-streamed reply object the fake sends for ``req``."""
     c = _Ctx(req, n, delta_chars)
     return {ANTHROPIC: anthropic_message, OPENAI_CHAT: chat_completion, RESPONSES: responses_object,
-            GEMINI: gemini_response, COHERE: cohere_response}[api](c)
+            GEMINI: gemini_response, COHERE: cohere_response, OLLAMA: ollama_response}[api](c)
 
 
 def build_events(api: str, req: dict[str, Any], n: int = 0, delta_chars: int = 16) -> list[SSE]:
     """SSE events (event name, data) the fake streams for ``req``."""
     c = _Ctx(req, n, delta_chars)
     return {ANTHROPIC: anthropic_events, OPENAI_CHAT: chat_events, RESPONSES: responses_events,
-            GEMINI: gemini_events, COHERE: cohere_events}[api](c)
+            GEMINI: gemini_events, COHERE: cohere_events, OLLAMA: ollama_events}[api](c)
 
 
 def encode_sse(event: str | None, data: Any) -> bytes:
@@ -859,6 +892,13 @@ def reply_parts(api: str, obj: dict[str, Any]) -> ReplyParts:
         if calls:
             return ReplyParts(text, calls[0]["function"]["arguments"], calls[0]["function"]["name"])
         return ReplyParts(text)
+    if api == OLLAMA:
+        msg = obj["message"]
+        calls = msg.get("tool_calls") or []
+        if calls:
+            call = calls[0]["function"]
+            return ReplyParts(msg["content"], json.dumps(call["arguments"], ensure_ascii=False), call["name"])
+        return ReplyParts(msg["content"])
     if api == GEMINI:
         parts = obj["candidates"][0]["content"]["parts"]
         text = "".join(p["text"] for p in parts if "text" in p and not p.get("thought"))
@@ -871,6 +911,20 @@ def reply_parts(api: str, obj: dict[str, Any]) -> ReplyParts:
     calls = [item for item in obj["output"] if item["type"] == "function_call"]
     if calls:
         return ReplyParts(text, calls[0]["arguments"], calls[0]["name"])
+    return ReplyParts(text)
+
+
+def reassemble_ndjson(raw: bytes) -> ReplyParts:
+    """Text and tool call of an Ollama NDJSON stream (every line a JSON object, the last one ``done``)."""
+    lines = raw.split(b"\n")
+    assert lines[-1] == b"", "an NDJSON stream ends with a newline"
+    objs = [json.loads(line) for line in lines[:-1]]
+    assert objs and objs[-1].get("done") is True and not any(o.get("done") for o in objs[:-1]), objs[-2:]
+    text = "".join(o["message"]["content"] for o in objs)
+    calls = [c for o in objs for c in o["message"].get("tool_calls") or []]
+    if calls:
+        return ReplyParts(text, json.dumps(calls[0]["function"]["arguments"], ensure_ascii=False),
+                          calls[0]["function"]["name"])
     return ReplyParts(text)
 
 
@@ -1229,6 +1283,8 @@ class FakeUpstream:
             events = build_events(api, payload, req.index, knobs.delta_chars)
             if api == GEMINI and "alt=sse" not in req.path:  # Gemini's other stream: one JSON array
                 return await self._send_json_array(writer, api, events, knobs, close)
+            if api == OLLAMA:
+                return await self._send_ndjson(writer, api, payload, events, knobs, close)
             return await self._send_sse(writer, api, payload, events, knobs, close)
         reply = build_reply(api, payload, req.index, knobs.delta_chars)
         return await self._send_json(writer, knobs.status or 200, reply, knobs, close, api)
@@ -1326,6 +1382,25 @@ class FakeUpstream:
         writer.write(self._head(200, headers, close, api))
         return await self._write_chunks(writer, pieces, knobs, close, reset=False)
 
+    async def _send_ndjson(self, writer: asyncio.StreamWriter, api: str, payload: dict[str, Any],
+                           events: list[SSE], knobs: Knobs, close: bool) -> bool:
+        """Ollama's stream: one JSON object a line (``application/x-ndjson``), a line per write."""
+        if knobs.error_after is not None:
+            error = stream_error_event(api, expected_error_message(payload), 0)
+            events = [*events[: knobs.error_after], error]
+        enc = _Encoder(knobs.encoding)
+        pieces = [enc.chunk((data if isinstance(data, str) else _dumps(data)).encode() + b"\n")
+                  for _, data in events]
+        pieces.append(enc.finish())
+        if knobs.chunk_bytes:
+            blob = b"".join(pieces)
+            pieces = [blob[i : i + knobs.chunk_bytes] for i in range(0, len(blob), knobs.chunk_bytes)]
+        headers = [("content-type", "application/x-ndjson"), ("transfer-encoding", "chunked")]
+        if knobs.encoding:
+            headers.append(("content-encoding", knobs.encoding))
+        writer.write(self._head(200, headers, close, api))
+        return await self._write_chunks(writer, pieces, knobs, close, reset=False)
+
     async def _write_chunks(self, writer: asyncio.StreamWriter, pieces: list[bytes], knobs: Knobs,
                             close: bool, reset: bool) -> bool:
         await writer.drain()
@@ -1356,9 +1431,9 @@ class FakeUpstream:
 
 
 __all__ = [
-    "ANTHROPIC", "COHERE", "GEMINI", "OPENAI_CHAT", "RESPONSES", "ROUTES", "FakeUpstream", "Knobs",
+    "ANTHROPIC", "COHERE", "GEMINI", "OLLAMA", "OPENAI_CHAT", "RESPONSES", "ROUTES", "FakeUpstream", "Knobs",
     "RecordedRequest", "ReplyParts", "SSEEvent", "SSEParser", "api_for_path", "build_events", "build_reply",
     "decode_body", "encode_body", "encode_sse", "expected_error_message", "expected_reply_text",
     "expected_tool_arguments", "expected_tool_input", "gemini_path", "is_stream_request", "parse_sse",
-    "reassemble_stream", "reply_parts", "request_texts", "split_text",
+    "reassemble_ndjson", "reassemble_stream", "reply_parts", "request_texts", "split_text",
 ]

@@ -12,16 +12,19 @@ from fake_upstream import (
     ANTHROPIC,
     COHERE,
     GEMINI,
+    OLLAMA,
     OPENAI_CHAT,
     RESPONSES,
     SSEEvent,
     SSEParser,
     expected_reply_text,
     parse_sse,
+    reassemble_ndjson,
     reassemble_stream,
     reply_parts,
+    request_for,
 )
-from test_proxy import ORIGINALS, PATHS, STREAM_PATHS, assert_no_original, make_request
+from test_proxy import ORIGINALS, PATHS, STREAM_PATHS, SYSTEM, TEXT, assert_no_original, make_request
 
 pytestmark = pytest.mark.mitm
 
@@ -73,6 +76,21 @@ def test_gemini_stream_without_sse_is_restored_exactly(client, fake_upstream, de
     parts = reassemble_stream(GEMINI, [SSEEvent(None, json.dumps(c)) for c in chunks])
     assert parts.text == expected_reply_text(req) and "AWS_" not in r.text
     assert parts.tool_input == {"text": expected_reply_text(req)}
+
+
+@pytest.mark.parametrize("delta", [1, 3])
+@pytest.mark.parametrize("tools", [False, True], ids=["text", "tools"])
+def test_ollama_ndjson_stream_is_restored_exactly(client, fake_upstream, tools, delta) -> None:
+    """Ollama's /api/chat streams a JSON object a line: a placeholder cut between two lines is restored."""
+    req = request_for(OLLAMA, TEXT, system=SYSTEM, tools=tools, stream=True)
+    r = client.post(fake_upstream.url_for("/api/chat"), json=req,
+                    headers={"x-fake-delta-chars": str(delta), "x-fake-chunk-bytes": "7"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    assert_no_original(fake_upstream)
+    parts = reassemble_ndjson(r.content)  # every line one JSON object, the last one done
+    assert parts.text == expected_reply_text(req) and "AWS_" not in r.text
+    if tools:
+        assert parts.tool_input == {"text": expected_reply_text(req)}
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "br"])

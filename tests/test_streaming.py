@@ -959,6 +959,72 @@ def test_gemini_json_array_stream_delta_sizes(size: int) -> None:
     assert len(parts) > 20  # elements go out as they complete
 
 
+def ollama_stream(size: int | list[int] = 5, c: Content = FULL, generate: bool = False) -> bytes:
+    """Ollama's native API: one JSON object a line (``application/x-ndjson``). /api/chat: thinking and text
+    in ``message``, the tool call whole, then a last line with ``"done": true``; /api/generate: ``response``
+    (and ``thinking``) at the top level."""
+    base = {"model": "qwen3:8b", "created_at": "2026-11-26T10:00:00.123456Z"}
+    lines: list[dict[str, Any]] = []
+    if generate:
+        lines += [{**base, "response": "", "thinking": p, "done": False} for p in pieces(c.think, size)]
+        lines += [{**base, "response": p, "done": False} for p in pieces(c.text, size)]
+        lines.append({**base, "response": "", "done": True, "done_reason": "stop", "context": [1, 2, 3]})
+    else:
+        msg = {"role": "assistant", "content": ""}
+        lines += [{**base, "message": {**msg, "thinking": p}, "done": False} for p in pieces(c.think, size)]
+        lines += [{**base, "message": {**msg, "content": p}, "done": False} for p in pieces(c.text, size)]
+        call = {"function": {"name": "describe_instances", "arguments": json.loads(c.tool)}}
+        lines.append({**base, "message": {**msg, "tool_calls": [call]}, "done": False})
+        lines.append({**base, "message": msg, "done": True, "done_reason": "stop", "eval_count": 42})
+    return b"".join(json.dumps(line, ensure_ascii=False).encode() + b"\n" for line in lines)
+
+
+def check_ollama(out: bytes, c: Content, generate: bool = False) -> None:
+    assert out.endswith(b"\n")
+    objs = [json.loads(line) for line in out.split(b"\n")[:-1]]  # every line one JSON object
+    assert objs[-1]["done"] is True and not any(o["done"] for o in objs[:-1])
+    assert all(o["model"] == "qwen3:8b" for o in objs)
+    if generate:
+        assert "".join(o.get("thinking", "") for o in objs) == c.orig_think
+        assert "".join(o["response"] for o in objs) == c.orig_text
+        assert objs[-1]["context"] == [1, 2, 3]
+        return
+    assert "".join(o["message"].get("thinking", "") for o in objs) == c.orig_think
+    assert "".join(o["message"]["content"] for o in objs) == c.orig_text
+    calls = [t for o in objs for t in o["message"].get("tool_calls", [])]
+    assert len(calls) == 1 and calls[0]["function"]["arguments"] == json.loads(c.orig_tool)
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_ollama_ndjson_stream_every_cut(generate: bool) -> None:
+    """Ollama streams a JSON object a line: a placeholder cut between two lines is held back and restored
+    as between two SSE events, wherever the reads are cut."""
+    src = ollama_stream([13, 21, 9], c=SHORT, generate=generate)
+    ref, _, _ = run(src, content_type="application/x-ndjson")
+    check_ollama(ref, SHORT, generate)
+    for i in range(1, len(src)):
+        out, _, _ = run(src, [i], content_type="application/x-ndjson")
+        assert out == ref, f"cut at {i}"
+
+
+@pytest.mark.parametrize("size", [1, 2, 7])
+def test_ollama_ndjson_stream_delta_sizes(size: int) -> None:
+    src = ollama_stream(size)
+    out, parts, r = run(src, 3, content_type="application/x-ndjson; charset=utf-8")
+    check_ollama(out, FULL)
+    assert len(parts) > 20 and r.held <= LONGEST  # lines go out as they complete, little is held
+
+
+def test_held_text_goes_out_before_an_ollama_error_line() -> None:
+    held = NAMES["o0"][:9]  # the start of a placeholder, held back
+    src = (json.dumps({"model": "m", "message": {"role": "assistant", "content": "x " + held}, "done": False})
+           + "\n" + json.dumps({"error": "model runner stopped"}) + "\n").encode()
+    out, _, _ = run(src, content_type="application/x-ndjson")
+    lines = out.split(b"\n")[:-1]
+    assert json.loads(lines[-1]) == {"error": "model runner stopped"}
+    assert "".join(json.loads(line)["message"]["content"] for line in lines[:-1]) == "x " + held
+
+
 def test_a_json_object_reply_streamed_stays_raw() -> None:
     src = json.dumps({"content": [{"type": "text", "text": "acct AWS_ACCOUNT_0001 ok"}]}).encode()
     out, _, r = run(src, 4, content_type="application/json")

@@ -12,17 +12,21 @@ is called a last time with ``b""`` at the end of the stream, when it flushes eve
 * A JSON body that is an array (Gemini's ``streamGenerateContent`` without ``alt=sse`` sends its chunks as
   one array, element by element): each object of the array goes through the same handlers as an SSE
   event's data, hold-back included; what is held goes out as elements of their own before the ``]``.
+* JSON Lines (``application/x-ndjson``: Ollama's native API streams an object a line): each line goes
+  through the same handlers, with Ollama's ``message.content`` / ``message.thinking`` / ``response`` /
+  ``thinking`` as text channels; what is held goes out in a line of its own, or in the line with
+  ``"done": true``.
 * Other text / JSON bodies: restored over the raw byte stream (originals JSON-escaped for JSON bodies).
 * Unknown binary content types and unknown content encodings pass through untouched.
 
 Hold-back: a placeholder may be cut across two or more deltas. Each text channel (Anthropic content block,
 Chat Completions choice / tool call, Responses output item / content part, Gemini candidate text and
-thoughts, Cohere content / tool plan / tool call) holds back only the tail that could still be the start of
-a placeholder of this flow's mapping (``placeholders.tail_to_hold``), so held text never exceeds the
-longest placeholder. A delta whose text is held entirely is not emitted (Gemini: it goes out with an empty
-text part); its text goes out at the front of the channel's next delta, or in a delta event synthesised
-just before the event that ends the channel (content_block_stop, finish_reason / finishReason,
-content-end, ``[DONE]``, ``*.done``, end of stream).
+thoughts, Cohere content / tool plan / tool call, Ollama content / thinking) holds back only the tail that
+could still be the start of a placeholder of this flow's mapping (``placeholders.tail_to_hold``), so held
+text never exceeds the longest placeholder. A delta whose text is held entirely is not emitted (Gemini,
+Ollama: it goes out with an empty text); its text goes out at the front of the channel's next delta, or in
+a delta event synthesised just before the event that ends the channel (content_block_stop, finish_reason /
+finishReason, content-end, ``[DONE]``, ``*.done``, ``"done": true``, end of stream).
 
 The callable never raises: an internal error is logged once, counted in ``errors``, and from then on the
 bytes pass through unrestored (a placeholder reaching the user is not a leak).
@@ -89,6 +93,10 @@ _CO_DELTAS = {
     "tool-call-delta": (("message", "tool_calls", "function", "arguments"), DOC),
 }
 _CO_ENDS = {"content-end": "content-delta", "tool-call-end": "tool-call-delta"}
+# Ollama (NDJSON): where its text channels are in a line (chat: under "message"; generate: at the top).
+_OL_PATHS = (("message", "content"), ("message", "thinking"), ("response",), ("thinking",))
+_NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
+                           "application/x-jsonl", "application/jsonlines", "application/x-jsonlines"})
 _DOC_KEYS = frozenset({"arguments", "partial_json"})
 _OPAQUE_KEYS = frozenset({"signature", "encrypted_content", "thoughtSignature", "thought_signature"})
 _MISS = object()
@@ -299,6 +307,25 @@ class _Chan:
         self.info: Any = None
 
 
+class _Line:
+    """One line of a JSON Lines stream: the line (``data``) and its terminator."""
+
+    __slots__ = ("data", "etype", "raw", "term")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.data: bytes | None = raw.rstrip(b"\r\n")
+        self.term = raw[len(self.data):]
+        self.etype = b""
+
+    def build(self, data: bytes) -> bytes:
+        return data + self.term
+
+    def synth(self, data: bytes) -> bytes:
+        """A new line (after this one, which may have been the last, without a terminator)."""
+        return (b"" if self.term else b"\n") + data + (self.term or b"\n")
+
+
 class StreamRestorer:
     """Restore the placeholders of ``mapping`` in a streamed reply (see the module docstring)."""
 
@@ -335,6 +362,8 @@ class StreamRestorer:
             mode = "pass"
         elif ct == "text/event-stream":
             mode = "sse"
+        elif ct in _NDJSON_TYPES:
+            mode = "lines"
         elif "json" in ct:
             mode = "json"
         elif ct.startswith("text/") or ct in ("", "application/xml"):
@@ -397,6 +426,8 @@ class StreamRestorer:
                 self._sse(data, final)
             elif self._mode == "array":
                 self._array(data, final)
+            elif self._mode == "lines":
+                self._lines(data, final)
             else:
                 self._raw(data, final)
         except Exception:
@@ -612,6 +643,65 @@ class StreamRestorer:
         if raw:
             self._out.append(raw)
 
+    def _lines(self, data: bytes, final: bool) -> None:
+        """JSON Lines (Ollama's native API): each line goes through the handlers of an SSE event's data, so a
+        placeholder cut between two lines is held back and restored like one cut between two events."""
+        held = self._buf
+        if held and not final and len(held) + len(data) <= MAX_EVENT and data.find(b"\n") < 0:
+            if not isinstance(held, bytearray):  # one long line in small reads: added to in place
+                self._buf = held = bytearray(held)
+            held += data
+            return
+        buf = bytes(held) + data if held else data
+        self._buf = b""
+        self._work, self._pos = buf, 0
+        n = len(buf)
+        pos = 0
+        while True:
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                break
+            if self._skipping:  # the rest of an oversized line: passed through as it is
+                self._out.append(buf[pos:end + 1])
+                self._skipping = False
+            else:
+                self._line(buf[pos:end + 1])
+            pos = self._pos = end + 1
+        if final:
+            if pos < n:
+                if self._skipping:
+                    self._out.append(buf[pos:])
+                else:
+                    self._line(buf[pos:])
+                pos = self._pos = n
+            self._flush(None, self._out)
+        elif n - pos > MAX_EVENT:  # no end of the line in sight: out unrestored, not held without bound
+            self._flush(None, self._out)
+            self._out.append(buf[pos:])
+            self._skipping = True
+            self._pos = n
+        else:
+            self._buf = buf[pos:]
+        self._work = b""
+        self._pos = 0
+
+    def _line(self, raw: bytes) -> None:
+        if not self._holding and (0x41 not in raw or not _MAYBE_RE.search(raw)):
+            self._out.append(raw)  # nothing to restore, nothing to hold, nothing to flush
+            return
+        ev = _Line(raw)
+        try:
+            obj = json.loads(ev.data or b"")
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            if isinstance(obj.get("message"), dict) or "response" in obj:
+                self._ollama_chunk(ev, obj)
+            else:
+                self._json_event(ev, obj)  # type: ignore[arg-type]  # _Line offers what _Event does
+        else:
+            self._generic(ev)  # type: ignore[arg-type]
+
     def _sse(self, data: bytes, final: bool) -> None:
         held = self._buf
         if held and not final and len(held) + len(data) <= MAX_EVENT and \
@@ -801,6 +891,17 @@ class StreamRestorer:
                 node[name] = dict(node[name])
                 node = node[name]
             node[path[-1]] = text
+        elif info[0] == "ol":
+            path = info[1]
+            new = dict(obj)  # the line it was last seen in, with this text alone
+            if len(path) == 2:  # chat
+                role = obj["message"].get("role", "assistant")
+                new["message"] = {"role": role, "content": "", path[1]: text}
+            else:  # generate
+                for k in ("response", "thinking"):
+                    if k in new:
+                        new[k] = ""
+                new[path[0]] = text
         elif info[0] == "gm":
             _, ci, thought = info
             part: dict[str, Any] = {"text": text, "thought": True} if thought else {"text": text}
@@ -1008,6 +1109,36 @@ class StreamRestorer:
             if fin:  # held text of this candidate's other channel goes out before this chunk
                 self._flush(_gemini_match(ci, present), self._out)
         self._out.append(ev.build(_dumps(obj)) if changed_any else ev.raw)
+
+    def _ollama_chunk(self, ev: _Line, obj: dict[str, Any]) -> None:
+        """Ollama (/api/chat, /api/generate): one text channel per field of ``_OL_PATHS``; tool calls arrive
+        whole and are restored where they are; the line with ``"done": true`` ends every channel."""
+        fin = obj.get("done") is True
+        changed = False
+        present: set[Key] = set()
+        for path in _OL_PATHS:
+            parent: Any = obj.get(path[0]) if len(path) == 2 else obj
+            text = parent.get(path[-1]) if isinstance(parent, dict) else None
+            if not isinstance(text, str):
+                continue
+            key: Key = ("ol", path)
+            present.add(key)
+            head, tail, step_changed = self._step(key, TEXT, text, fin)
+            if step_changed:
+                parent[path[-1]] = head  # held entirely: an empty text, its text goes out later
+                changed = True
+            self._commit(key, TEXT, tail, ev, obj, ("ol", path))  # type: ignore[arg-type]
+        if (ev.data or b"").find(b"AWS_") >= 0:  # whole placeholders elsewhere (tool call arguments)
+            n = self._walk_skipping(obj, frozenset({"response", "thinking"}), "message")
+            message = obj.get("message")
+            if isinstance(message, dict):
+                n += self._walk_skipping(message, frozenset({"content", "thinking"}), "")
+            if n:
+                self.restored += n
+                changed = True
+        if fin:  # held text of channels not in this last line goes out before it
+            self._flush(lambda k: k[0] == "ol" and k not in present, self._out)
+        self._out.append(ev.build(_dumps(obj)) if changed else ev.raw)
 
     def _text_event(self, ev: _Event) -> None:
         """Data that is not JSON: one plain-text channel per event type, restored with hold-back."""
