@@ -242,6 +242,13 @@ def test_a_name_the_body_gave_away_is_masked_in_the_url_too(masker) -> None:
     placeholder = f.request.query["tag"]
     assert placeholder.startswith("AWS_S3_BUCKET_") and placeholder.encode() in f.request.content
     assert addon.flows[f.id].rule_counts["repeat"] == 1
+    # percent-encoded in the URL, as a query value must write a secret's "/" and "+"
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    body = {"model": "m", "messages": [{"role": "user", "content": f"SecretAccessKey: {secret}"}]}
+    f = make_flow(json.dumps(body).encode())
+    f.request.path = "/v1/messages?k=" + secret.replace("/", "%2F")
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert "EXAMPLEKEY" not in f.request.path and f.request.query["k"].startswith("AWS_SECRET_ACCESS_KEY_")
 
 
 @pytest.mark.parametrize("env", ["development", "production"])

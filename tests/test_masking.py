@@ -657,6 +657,32 @@ def test_a_repeat_written_with_ascii_escapes_is_found() -> None:
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
 
 
+@pytest.mark.parametrize(("body", "ctype", "name"), [
+    # counting the name's bytes in the raw body balanced out: its hit is written otherwise there
+    (rb'{"a":"arn:aws:iam::12345678901\u0032:role/x","b":"see 123456789012"}', "application/json",
+     b"123456789012"),
+    (rb'{"SecretAccessKey":"wJalrXUtnFEMI\/K7MDENG\/bPxRfiCYEXAMPLEKEY",'
+     rb'"b":"key wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}', "application/json", b"bPxRfiCYEXAMPLEKEY"),
+    (b"SecretAccessKey=wJalrXUtnFEMI%2FK7MDENG%2FbPxRfiCYEXAMPLEKEY&note=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+     "application/x-www-form-urlencoded", b"bPxRfiCYEXAMPLEKEY"),
+    (b"arn=arn:aws:iam::123456789012:role/deploy-bot&note=the+deploy%2Dbot+role",
+     "application/x-www-form-urlencoded", b"deploy"),
+    # the letter of an escape or a terminal colour right before the repeat
+    (b'arn:aws:iam::123456789012:role/deploy-bot {"note":"roles:\\ndeploy-bot\\tdeploy-bot '
+     b'\\u201cdeploy-bot"}', "text/plain", b"deploy-bot"),
+    (json.dumps({"a": "arn:aws:iam::123456789012:role/deploy-bot",
+                 "arguments": json.dumps({"note": "roles:\ndeploy-bot"})}).encode(), "application/json",
+     b"deploy-bot"),
+    (b"arn:aws:iam::123456789012:role/deploy-bot\n\x1b[31mdeploy-bot\x1b[0m", "text/plain", b"deploy-bot"),
+])
+def test_repeats_found_by_an_adversarial_review(body: bytes, ctype: str, name: bytes) -> None:
+    out, mapping = mask(body, ctype)
+    assert name not in out, out
+    restored = restore_bytes(out, mapping, in_json="json" in ctype)[0]
+    if "json" in ctype:
+        assert json.loads(restored) == json.loads(body)
+
+
 def test_repeats_in_form_bodies() -> None:
     body = b"q=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fdeploy-bot-prod&note=deploy-bot-prod+is+new"
     out, mapping = mask(body, "application/x-www-form-urlencoded")

@@ -24,7 +24,7 @@ from .contentview import FlowMappings, install_view, uninstall_view
 from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .guard import GUARD
-from .masking import BodyMasker, UnreadableBody, merge_kept, repeats_in, text_codec
+from .masking import BodyMasker, UnreadableBody, merge_kept, repeats_in_url, text_codec
 from .placeholders import PREFIX, TOKEN_RE, restore_bytes
 from .rules import RuleError, check_examples, load_rules, with_followed
 from .scanner import Scanner
@@ -618,7 +618,7 @@ class AwsMasker:
         path = req.path.encode("utf-8", "surrogateescape")
         path_hits, path_keys = self.body_masker.scan_text(path)
         if plan.names:  # a name the body gave away, repeated in the URL
-            more = repeats_in(path, path_hits, plan.names)
+            more = repeats_in_url(path, path_hits, plan.names)
             if more:
                 path_hits, path_keys = merge_kept(path_hits, path_keys, more)
         if not plan.items and not path_hits:

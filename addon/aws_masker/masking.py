@@ -378,9 +378,9 @@ class BodyMasker:
             return
         counts = Counter(o for o in map(_ORIGINAL, chain.from_iterable(
             seg.keys for seg in plan.segments if not seg.hidden)) if o in names)
-        if hidden or (0x5C in content and _ASCII_ESCAPE.search(content)):
-            # Text not in the body as it is (base64), or ASCII written as \u00XX escapes (a name's "-" as
-            # \u002d would not be counted): the strings are searched.
+        if hidden or (0x5C in content and (_ASCII_ESCAPE.search(content) or content.find(b"\\/") >= 0)):
+            # Text not in the body as it is (base64, a form's percent-encoding), or ASCII written as escapes
+            # (a name's "-" as \u002d, its "/" as \/ would not be counted): the strings are searched.
             wanted = names
         else:
             wanted = {o: k for o, k in names.items() if content.count(o) != counts[o]}
@@ -560,7 +560,8 @@ class BodyMasker:
                    for k, v in zip(parts[0::2], parts[1::2], strict=True)]
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
-        return self._finish(MaskPlan("form", segments, _assemble=assemble), content)
+        # (its keys and values are all segments, decoded: searched for repeats, not counted in the raw body)
+        return self._finish(MaskPlan("form", segments, _assemble=assemble), content, hidden=True)
 
 
 class UnreadableBody(ValueError):
@@ -768,18 +769,43 @@ def _repeatable(original: bytes) -> bool:
 def repeats_in(data: bytes, hits: Sequence[Hit], names: dict[bytes, str]) -> list[tuple[Hit, Key]]:
     """Where the ``names`` (original -> kind) stand on their own in ``data`` outside ``hits``: not inside a
     longer name (a letter, digit, ``_`` or ``-`` on either side, or a ``.`` that a letter or digit follows,
-    as in a hostname). Leftmost first, the longest at one start, no overlaps."""
+    as in a hostname). The letters of a backslash escape (``\\n``, ``\\u201c``: JSON in a JSON string)
+    and terminal colours before or after a name are separators. Leftmost first, the longest at one start,
+    no overlaps."""
     found: list[tuple[Hit, Key]] = []
     size = len(data)
+    view = data  # where the bytes around a name are read: escapes and colours as blanks (same length)
+    if 0x5C in data or 0x1B in data or 0xC2 in data or 0xE2 in data:
+        view = _BLANKS.sub(_blank, _BACKSLASH_ESCAPE.sub(_blank, data) if 0x5C in data else data)
     for original, kind in names.items():
         i = data.find(original)
         while i >= 0:
             e = i + len(original)
-            if (i == 0 or (data[i - 1] not in _NAME_BYTES and data[i - 1] != 0x2E)) and (
-                    e == size or (data[e] not in _NAME_BYTES
-                                  and not (data[e] == 0x2E and e + 1 < size and data[e + 1] in _NAME_BYTES))):
+            if (i == 0 or (view[i - 1] not in _NAME_BYTES and view[i - 1] != 0x2E)) and (
+                    e == size or (view[e] not in _NAME_BYTES
+                                  and not (view[e] == 0x2E and e + 1 < size and view[e + 1] in _NAME_BYTES))):
                 found.append((Hit(i, e, kind, REPEAT_RULE), (kind, original)))
             i = data.find(original, i + 1)
+    return _outside(found, hits)
+
+
+def repeats_in_url(path: bytes, hits: Sequence[Hit], names: dict[bytes, str]) -> list[tuple[Hit, Key]]:
+    """``repeats_in`` for a URL: also where a name is percent-encoded (``%2F`` for its ``/``), as a span of
+    ``path``; its original is the name."""
+    raw = [m.start() for m in _PERCENT.finditer(path)]
+    if not raw:
+        return repeats_in(path, hits, names)
+    landed = [p - 2 * k for k, p in enumerate(raw)]  # where each escape's character lands when decoded
+    found = []
+    for h, key in repeats_in(unquote_to_bytes(path), (), names):
+        s = h[0] + 2 * bisect_left(landed, h[0])
+        e = h[1] + 2 * bisect_left(landed, h[1])
+        found.append((Hit(s, e, h[2], h[3]), key))
+    return _outside(found, hits)
+
+
+def _outside(found: list[tuple[Hit, Key]], hits: Sequence[Hit]) -> list[tuple[Hit, Key]]:
+    """``found`` but those overlapping ``hits``, and without overlaps among themselves."""
     if not found:
         return found
     if hits:
