@@ -51,6 +51,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 from .scanner import Hit, Scanner
 
 Key = tuple[str, bytes]  # (placeholder kind, original)
+Others = Callable[[dict[bytes, str], dict[bytes, str]], None]  # see BodyMasker._repeats
 
 
 @dataclass
@@ -326,17 +327,18 @@ class BodyMasker:
             return self._plan_form(content)
         return self._plan_text(content)
 
-    def _finish(self, plan: MaskPlan, content: bytes = b"",
-                others: Callable[[dict[bytes, str]], None] | None = None, hidden: bool = False) -> MaskPlan:
+    def _finish(self, plan: MaskPlan, content: bytes = b"", others: Others | None = None,
+                hidden: bool = False, countable: bool = True) -> MaskPlan:
         """Count what the segments hold, after masking every repeat of a name found in ``content`` (the body
         its segments come from); ``others`` finds them in the strings that are not segments yet; ``hidden``:
-        the body holds text that is not in ``content`` as it is (base64 documents)."""
+        the body holds text that is not in ``content`` as it is (base64 documents); ``countable``: the
+        segments' text is in ``content`` as it is (not so in a form, percent-encoded)."""
         for seg in plan.segments:
             if not seg.keys and seg.hits:
                 data = seg.data
                 seg.keys = [(h[2], data[h[0]:h[1]]) for h in seg.hits]
         if content and plan.segments:
-            self._repeats(plan, content, others, hidden)
+            self._repeats(plan, content, others, hidden, countable)
         keys: list[Key] = []
         rules: list[str] = []
         for seg in plan.segments:
@@ -349,8 +351,8 @@ class BodyMasker:
         plan.item_rules = list(map(first_rule.__getitem__, plan.items))
         return plan
 
-    def _repeats(self, plan: MaskPlan, content: bytes,
-                 others: Callable[[dict[bytes, str]], None] | None, hidden: bool) -> None:
+    def _repeats(self, plan: MaskPlan, content: bytes, others: Others | None, hidden: bool,
+                 countable: bool) -> None:
         """Mask the other occurrences of names found in the request by their context.
 
         An account ID is recognised in an ARN, a role's name after ``role/``, a bucket after ``s3://``, a
@@ -358,7 +360,8 @@ class BodyMasker:
         role``, an account ID in a table, the secret pasted twice) has no such context, and would leave. So
         every name found (see ``_repeatable``) is masked wherever it stands on its own in the request, with
         the same placeholder. Counting its occurrences in the body (C speed) tells whether any is left;
-        only then are the strings searched (always when some text is not in the body as it is)."""
+        only then are the strings searched for it. Text that is not in the body as it is (base64 documents)
+        is searched for every name."""
         standalone = self._standalone
         found: list[Key] = []  # (kind, original) of the hits of rules that need context
         for seg in plan.segments:
@@ -378,20 +381,23 @@ class BodyMasker:
             return
         counts = Counter(o for o in map(_ORIGINAL, chain.from_iterable(
             seg.keys for seg in plan.segments if not seg.hidden)) if o in names)
-        if hidden or (0x5C in content and (_ASCII_ESCAPE.search(content) or content.find(b"\\/") >= 0)):
-            # Text not in the body as it is (base64, a form's percent-encoding), or ASCII written as escapes
-            # (a name's "-" as \u002d, its "/" as \/ would not be counted): the strings are searched.
-            wanted = names
-        else:
+        if countable and 0x5C in content and (_NAME_ESCAPE.search(content) or (
+                content.find(b"\\/") >= 0 and any(0x2F in o for o in names))):
+            countable = False  # a name's "-" written as \u002d, its "/" as \/: its bytes cannot be counted
+        if countable:
             wanted = {o: k for o, k in names.items() if content.count(o) != counts[o]}
-        if not wanted:
+        else:
+            wanted = names
+        if not wanted and not hidden:
             return
         for seg in plan.segments:
-            more = repeats_in(seg.data, seg.hits, wanted)
-            if more:
-                seg.hits, seg.keys = merge_kept(seg.hits, seg.keys, more)
+            look = names if seg.hidden else wanted
+            if look:
+                more = repeats_in(seg.data, seg.hits, look)
+                if more:
+                    seg.hits, seg.keys = merge_kept(seg.hits, seg.keys, more)
         if others is not None:
-            others(wanted)
+            others(wanted, names if hidden else {})
 
     def _plan_text(self, content: bytes) -> MaskPlan:
         hits, keys = self.scan_text(content)
@@ -425,6 +431,8 @@ class BodyMasker:
         stack: list[tuple[Any, bytes]] = [(doc, b"")]
         strings = 0  # keys and string values: a raw body with more strings has duplicate keys
         hidden = False  # a text document in base64 was read
+        plain64: list[tuple[Any, Any, str, bytes]] = []  # (container, key, prefix, text) of those with no hit
+        seen64: set[tuple[int, Any]] = set()  # (id(container), key) of every one
         while stack:  # iterative: deep nesting must not exhaust the Python stack
             node, under = stack.pop()
             in_dict = isinstance(node, dict)
@@ -460,10 +468,13 @@ class BodyMasker:
                         if encoded is not None:  # text sent as base64 (a document, a data: URL)
                             prefix, text = encoded
                             hidden = True
+                            seen64.add((id(node), k))
                             hits, keys = self.scan_text(text)
                             if hits:
                                 segments.append(Segment(text, hits, keys, hidden=True))
                                 slots.append((node, k, _base64_wrapper(prefix)))
+                            else:
+                                plain64.append((node, k, prefix, text))
                             continue
                     if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
                             or 0x1B in b or 0xC2 in b or 0xE2 in b  # escapes, "%", "$25", ESC, NBSP, "→"
@@ -506,8 +517,16 @@ class BodyMasker:
         # the body as it is would send it (json.dumps writes each key once).
         duplicates = not slots and _string_tokens(content) != strings
 
-        def others(wanted: dict[bytes, str]) -> None:
-            """Repeats of ``wanted`` names in the strings that held no hit (so are no segment yet)."""
+        def others(wanted: dict[bytes, str], everywhere: dict[bytes, str]) -> None:
+            """Repeats of ``wanted`` names in the strings that held no hit (so are no segment yet), and of the
+            ``everywhere`` names in the base64 documents among them."""
+            for node, k, prefix, text in plain64 if everywhere else ():
+                more = repeats_in(text, [], everywhere)
+                if more:
+                    segments.append(Segment(text, [h for h, _ in more], [x for _, x in more], hidden=True))
+                    slots.append((node, k, _base64_wrapper(prefix)))
+            if not wanted:
+                return
             done = {(id(node), k, wrap is _as_key) for node, k, wrap in slots}
             stack: list[Any] = [doc]
             while stack:
@@ -523,20 +542,13 @@ class BodyMasker:
                                 slots.append((node, k, _as_key))
                 for k, v in (node.items() if in_dict else enumerate(node)):
                     if isinstance(v, str):
-                        if (id(node), k, False) in done:
-                            continue
+                        if (id(node), k, False) in done or (id(node), k) in seen64:
+                            continue  # a segment already, or a base64 document (searched above)
                         b = v.encode("utf-8", "surrogatepass")
-                        wrap: Callable[[bytes], str] | None = None
-                        if len(b) >= 16 and (k == "data" or b.startswith((b"data:", b"DATA:"))):
-                            encoded = _base64_text(v, node if in_dict else None)
-                            if encoded is not None:
-                                wrap = _base64_wrapper(encoded[0])
-                                b = encoded[1]
                         more = repeats_in(b, [], wanted)
                         if more:
-                            segments.append(Segment(b, [h for h, _ in more], [x for _, x in more],
-                                                    hidden=wrap is not None))
-                            slots.append((node, k, wrap))
+                            segments.append(Segment(b, [h for h, _ in more], [x for _, x in more]))
+                            slots.append((node, k, None))
                     elif isinstance(v, (dict, list)):
                         stack.append(v)
 
@@ -561,7 +573,7 @@ class BodyMasker:
             return urlencode(new, encoding="utf-8", errors="surrogateescape").encode("ascii")
 
         # (its keys and values are all segments, decoded: searched for repeats, not counted in the raw body)
-        return self._finish(MaskPlan("form", segments, _assemble=assemble), content, hidden=True)
+        return self._finish(MaskPlan("form", segments, _assemble=assemble), content, countable=False)
 
 
 class UnreadableBody(ValueError):
@@ -750,7 +762,8 @@ REPEAT_RULE = "repeat"  # the rule id of such hits (counted in events and the fl
 # a name compiling it, or splitting the body into words, ~25 ns a byte, would cost as much as the scan
 # itself): at most this many names x body bytes are counted (~1.5 ms), the first names found first.
 REPEAT_BUDGET = 4 << 20
-_ASCII_ESCAPE = re.compile(rb"\\u00[2-7][0-9A-Fa-f]")  # a JSON escape of a printable ASCII character
+# A JSON escape of a character a name may hold ([A-Za-z0-9._@=,+/-]; not Go's \u003c \u003e \u0026 of <>&)
+_NAME_ESCAPE = re.compile(rb"\\u00(?:2[b-fB-F]|3[0-9dD]|4[0-9a-fA-F]|5[0-9aAfF]|6[1-9a-fA-F]|7[0-9aA])")
 _ORIGINAL = operator.itemgetter(1)
 _REPEATABLE = re.compile(rb"[A-Za-z0-9._@=,+/-]{5,256}")  # no quote, backslash, "%", colon or space
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
