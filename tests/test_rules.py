@@ -197,6 +197,23 @@ def test_assertions_are_dropped_only_where_they_are_assertions() -> None:
     assert relax(rb"(?<![\w.)])(?P<x>\d+)(?=[)(]|(a))(?!\))z") == rb"(?P<x>\d+)z"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_identifiers_in_the_context_a_rule_reads_are_masked_too(engine: str) -> None:
+    """A rule masks a group after context it reads (the columns before an account ID in a --output text
+    row); an identifier inside that context is another rule's hit, not hidden by the match around it."""
+    row = b"SECURITYGROUPS\tweb tier\tsg-0123456789abcdef0\tweb\t210987654321\tvpc-0a1b2c3d4e5f60718\n"
+    found = {data for data in full_scanner(engine).scan_values(row)}
+    assert found == {b"sg-0123456789abcdef0", b"210987654321", b"vpc-0a1b2c3d4e5f60718"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_line_anchored_rules_are_found_far_into_a_text(engine: str) -> None:
+    # Hyperscan lost a (?m)^ match more than ~60 bytes in when its database held two such patterns
+    line = b"aws_iam_role.deploy: Refreshing state... [id=deploy-bot]\n"
+    for lead in (b"", b"x" * 80 + b"\n", b"log line\n" * 40):
+        assert full_scanner(engine).scan_values(lead + line) == [b"deploy-bot"], lead[:20]
+
+
 def test_an_opening_look_behind_and_a_closing_look_ahead_become_part_of_the_match() -> None:
     from aws_masker.scanner import _consume_lookarounds as consume
     from aws_masker.scanner import _end_pattern

@@ -55,13 +55,15 @@ def _to_hyperscan(regex: str) -> bytes:
 
 
 def _without_assertions(pattern: bytes) -> bytes:
-    """``pattern`` without its word-boundary assertions (``\\b``, ``\\B``) and look-around groups
-    (``(?=…)``, ``(?!…)``, ``(?<=…)``, ``(?<!…)``), outside character classes.
+    """``pattern`` without its word-boundary assertions (``\\b``, ``\\B``), line anchors (``^``, ``$``) and
+    look-around groups (``(?=…)``, ``(?!…)``, ``(?<=…)``, ``(?<!…)``), outside character classes.
 
     For the database that only reports where matches END: dropping an assertion can only add matches, so
     every end of the real regex is still reported, and the rule's own regex (with its assertions) confirms
     each candidate. Hyperscan has no look-arounds, and word boundaries are costly in it (the IPv6 rule scans
-    ~10x faster without its leading ``\\b``)."""
+    ~10x faster without its leading ``\\b``). Line anchors: Hyperscan 0.9's database lost matches of a
+    ``(?m)^``-anchored pattern more than ~60 bytes into the text when it held a second such pattern (two
+    Terraform rules); without the anchor it reports them."""
     out = bytearray()
     i, n = 0, len(pattern)
     skip_depth = 0  # > 0 while inside a dropped look-around group (counts its open parentheses)
@@ -97,7 +99,7 @@ def _without_assertions(pattern: bytes) -> bytes:
             skip_depth -= 1
             i += 1
             continue
-        if skip_depth == 0:
+        if skip_depth == 0 and c not in (0x5E, 0x24):  # ^ and $ (outside classes): anchors, set aside too
             out.append(c)
         i += 1
     return bytes(out)
@@ -376,26 +378,51 @@ class Scanner:
         if not cands:
             return []
         # Leftmost first; at one start the longest first, then the rule loaded first: the first acceptable
-        # candidate at a start wins, and every candidate that starts inside it is skipped.
+        # candidate at a start wins, and every candidate that starts inside it is skipped — unless it lies
+        # wholly in a part of it that is not masked (the context a rule reads before or between its groups:
+        # the columns before an account ID in a `--output text` row can hold a security group ID).
         cands.sort(key=_START_LONGEST_RULE)
         hits: list[Hit] = []
         plain = self._plain
         follows = self._follows
         pos = 0
+        gaps: list[tuple[int, int]] = []  # unmasked parts of the match accepted last
+        gap_rule = -1  # ... and its rule (whose own later matches there the Python engine never sees)
+        inner = 0  # end of the last candidate accepted in a gap
+        unsorted = False
         for start, neg_end, rid, m in cands:
-            if start < pos or start == -neg_end:
+            end = -neg_end
+            if start == end:
+                continue
+            if start < pos:
+                if not gaps or start < inner or rid == gap_rule or \
+                        not any(gs <= start and end <= ge for gs, ge in gaps):
+                    continue
+                if follows[rid] is not None or not self._acceptable(rid, m):
+                    continue
+                simple = plain[rid]
+                found = [_new_hit(Hit, (start, end, *simple))] if simple is not None else self._expand(rid, m)
+                hits.extend(found)
+                inner = end
+                unsorted = True
                 continue
             simple = plain[rid]
             if simple is not None:
-                hits.append(_new_hit(Hit, (start, -neg_end, *simple)))
-                pos = -neg_end
+                hits.append(_new_hit(Hit, (start, end, *simple)))
+                pos = end
+                gaps = []
             elif self._acceptable(rid, m):
                 after = follows[rid]
                 if after is not None and not (hits and hits[-1][3] in after[0]
                                               and after[1](data, hits[-1][1], start) is not None):
                     continue  # not right after a hit of the rules it follows (the next list element)
-                hits.extend(self._expand(rid, m))
-                pos = -neg_end
+                parts = self._expand(rid, m)
+                hits.extend(parts)
+                pos = end
+                gaps = _gaps(start, end, parts)
+                gap_rule = rid
+        if unsorted:
+            hits.sort()
         return hits
 
     def _acceptable(self, rid: int, m: re.Match[bytes]) -> bool:
@@ -613,6 +640,20 @@ def _literal_prefixes(regex: str) -> list[tuple[bool, bytes, bool]] | None:
     return [(b, lit, caseless[0]) for b, lit in dict.fromkeys((b, lit) for b, lit, _ in found)]
 
 
+def _gaps(start: int, end: int, parts: list[Hit]) -> list[tuple[int, int]]:
+    """The spans of [start, end) that ``parts`` (sorted) do not cover, of at least MIN_GAP bytes."""
+    out = []
+    at = start
+    for h in parts:
+        if h[0] - at >= MIN_GAP:
+            out.append((at, h[0]))
+        at = max(at, h[1])
+    if end - at >= MIN_GAP:
+        out.append((at, end))
+    return out
+
+
+MIN_GAP = 7  # shorter unmasked context cannot hold an identifier (the shortest, an IPv4 address, has 7 bytes)
 _START_LONGEST_RULE = operator.itemgetter(0, 1, 2)  # (start, -end, rule index): never the match itself
 
 
