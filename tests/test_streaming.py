@@ -1025,6 +1025,54 @@ def test_held_text_goes_out_before_an_ollama_error_line() -> None:
     assert "".join(json.loads(line)["message"]["content"] for line in lines[:-1]) == "x " + held
 
 
+def test_ollama_stream_cut_without_a_last_newline_keeps_every_line_json() -> None:
+    held = NAMES["o2"][:10]  # thinking ends with the start of a placeholder; the next lines have no thinking
+    src = (json.dumps({"model": "m", "response": "", "thinking": "about " + held, "done": False}) + "\n"
+           + json.dumps({"model": "m", "response": "Hello", "done": False})).encode()  # cut: no done line
+    out, _, _ = run(src, content_type="application/x-ndjson")
+    objs = [json.loads(line) for line in out.split(b"\n") if line]  # every line one JSON object
+    assert "".join(o.get("thinking", "") for o in objs) == "about " + held
+    assert "".join(o["response"] for o in objs) == "Hello"
+
+
+def test_ollama_flushed_line_carries_no_log_probabilities() -> None:
+    held = NAMES["o0"][:8]
+    lines = [{"model": "m", "message": {"role": "assistant", "content": "", "thinking": "about " + held},
+              "done": False, "logprobs": [{"token": "about "}, {"token": held}]},
+             {"model": "m", "message": {"role": "assistant", "content": "Answer"}, "done": False,
+              "logprobs": [{"token": "Answer"}]},
+             {"model": "m", "message": {"role": "assistant", "content": ""}, "done": True}]
+    src = b"".join(json.dumps(o).encode() + b"\n" for o in lines)
+    out, _, _ = run(src, content_type="application/x-ndjson")
+    objs = [json.loads(line) for line in out.split(b"\n")[:-1]]
+    assert [t["token"] for o in objs for t in o.get("logprobs", [])] == ["about ", held, "Answer"]
+    assert "".join(o["message"].get("thinking", "") for o in objs) == "about " + held
+    assert objs[-1]["done"] is True
+
+
+def test_ollama_line_with_a_line_separator_stays_one_line() -> None:
+    # U+2028 is valid JSON inside a string, but line readers (httpx's iter_lines) end a line there
+    text = "a\u2028b " + NAMES["o4"]
+    first = {"model": "m", "message": {"role": "assistant", "content": text}, "done": False}
+    src = (json.dumps(first, ensure_ascii=False) + '\n{"model": "m", "done": true}\n').encode()
+    assert b"\xe2\x80\xa8" in src
+    out, _, _ = run(src, content_type="application/x-ndjson")
+    assert b"\xe2\x80\xa8" not in out  # written as \u2028
+    objs = [json.loads(line) for line in out.decode().splitlines()]  # str.splitlines ends lines at U+2028 too
+    restored = "".join(o.get("message", {}).get("content", "") for o in objs)
+    assert restored == "a\u2028b " + ORIG_OF[NAMES["o4"]]
+
+
+def test_held_text_goes_out_before_a_done_line_without_text_fields() -> None:
+    held = NAMES["o0"][:8]
+    src = (json.dumps({"model": "m", "response": "x " + held, "done": False}) + "\n"
+           + json.dumps({"model": "m", "done": True, "done_reason": "stop"}) + "\n").encode()
+    out, _, _ = run(src, content_type="application/x-ndjson")
+    objs = [json.loads(line) for line in out.split(b"\n")[:-1]]
+    assert objs[-1] == {"model": "m", "done": True, "done_reason": "stop"}
+    assert "".join(o.get("response", "") for o in objs) == "x " + held
+
+
 def test_a_json_object_reply_streamed_stays_raw() -> None:
     src = json.dumps({"content": [{"type": "text", "text": "acct AWS_ACCOUNT_0001 ok"}]}).encode()
     out, _, r = run(src, 4, content_type="application/json")

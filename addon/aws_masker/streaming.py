@@ -310,20 +310,29 @@ class _Chan:
 class _Line:
     """One line of a JSON Lines stream: the line (``data``) and its terminator."""
 
-    __slots__ = ("data", "etype", "raw", "term")
+    __slots__ = ("data", "etype", "json", "raw", "term")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self.data: bytes | None = raw.rstrip(b"\r\n")
         self.term = raw[len(self.data):]
         self.etype = b""
+        self.json = False  # the line is JSON (set once it parsed)
 
     def build(self, data: bytes) -> bytes:
-        return data + self.term
+        return (_line_safe(data) if self.json else data) + self.term
 
     def synth(self, data: bytes) -> bytes:
-        """A new line (after this one, which may have been the last, without a terminator)."""
-        return (b"" if self.term else b"\n") + data + (self.term or b"\n")
+        """A new line (a line that went out without a terminator got one first: see ``_lines``)."""
+        return _line_safe(data) + (self.term or b"\n")
+
+
+def _line_safe(data: bytes) -> bytes:
+    """A JSON line with U+2028 / U+2029 escaped: valid JSON as they are (only inside strings), but line
+    readers (httpx's ``iter_lines``) end a line there. Go, Ollama's language, escapes them too."""
+    if 0xE2 in data and (data.find(b"\xe2\x80\xa8") >= 0 or data.find(b"\xe2\x80\xa9") >= 0):
+        return data.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+    return data
 
 
 class StreamRestorer:
@@ -674,6 +683,8 @@ class StreamRestorer:
                 else:
                     self._line(buf[pos:])
                 pos = self._pos = n
+                if self._holding:  # the last line had no end: held text goes out on a line of its own
+                    self._out.append(b"\n")
             self._flush(None, self._out)
         elif n - pos > MAX_EVENT:  # no end of the line in sight: out unrestored, not held without bound
             self._flush(None, self._out)
@@ -692,10 +703,11 @@ class StreamRestorer:
         ev = _Line(raw)
         try:
             obj = json.loads(ev.data or b"")
+            ev.json = True
         except ValueError:
             obj = None
         if isinstance(obj, dict):
-            if isinstance(obj.get("message"), dict) or "response" in obj:
+            if isinstance(obj.get("message"), dict) or "response" in obj or obj.get("done") is True:
                 self._ollama_chunk(ev, obj)
             else:
                 self._json_event(ev, obj)  # type: ignore[arg-type]  # _Line offers what _Event does
@@ -893,7 +905,8 @@ class StreamRestorer:
             node[path[-1]] = text
         elif info[0] == "ol":
             path = info[1]
-            new = dict(obj)  # the line it was last seen in, with this text alone
+            new = dict(obj)  # the line it was last seen in, with this text alone (and no log-probabilities)
+            new.pop("logprobs", None)
             if len(path) == 2:  # chat
                 role = obj["message"].get("role", "assistant")
                 new["message"] = {"role": role, "content": "", path[1]: text}
