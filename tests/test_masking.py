@@ -683,6 +683,28 @@ def test_repeats_found_by_an_adversarial_review(body: bytes, ctype: str, name: b
         assert json.loads(restored) == json.loads(body)
 
 
+COLOURED_TERRAFORM = ("\x1b[0m\x1b[1maws_iam_role.deploy: Refreshing state... [id=deploy-bot]\x1b[0m\n"
+                      "    12\u2192aws_s3_bucket.logs: Refreshing state... [id=acme-logs-prod]\n"
+                      "web_i-0123456789abcdef0 \x1b[31mweb_i-0fedcba9876543210\x1b[0m\n")
+
+
+@pytest.mark.parametrize("wrap", ["text", "json", "json in json"])
+def test_coloured_terraform_output_is_masked(wrap: str) -> None:
+    """Terraform prints its progress lines in colour (ESC[1m before the address); reading the colours as
+    blanks must not also read the underscores of aws_iam_role as glued to an identifier."""
+    if wrap == "text":
+        body, ctype = COLOURED_TERRAFORM.encode(), "text/plain"
+    else:
+        content = COLOURED_TERRAFORM if wrap == "json" else json.dumps({"stdout": COLOURED_TERRAFORM})
+        body = json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+        ctype = "application/json"
+    out, mapping = mask(body, ctype)
+    for original in (b"deploy-bot", b"acme-logs-prod", b"0123456789abcdef0", b"0fedcba9876543210"):
+        assert original not in out, (original, out)
+    restored = restore_bytes(out, mapping, in_json=wrap != "text")[0]
+    assert (restored == body) if wrap == "text" else (json.loads(restored) == json.loads(body))
+
+
 def test_repeats_in_form_bodies() -> None:
     body = b"q=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fdeploy-bot-prod&note=deploy-bot-prod+is+new"
     out, mapping = mask(body, "application/x-www-form-urlencoded")

@@ -168,8 +168,9 @@ class BodyMasker:
                 keys = [x for k, x in enumerate(keys) if k not in escaped]
         if 0x1B in data or (0xC2 in data and data.find(b"\xc2\xa0") >= 0) or \
                 (0xE2 in data and data.find(b"\xe2\x86\x92") >= 0):  # int needles first: memchr
-            alt = self._blanked(data)  # same length: every offset holds; the originals are taken from data
-            found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
+            for alt in self._blanked(data):  # same length: every offset holds; originals are taken from data
+                found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0]
+                          if h not in have]
         if 0x25 in data or (0x24 in data and data.find(b"$25") >= 0):  # "%", or the console's "$25"
             found += self._percent_encoded(data, have)
         if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
@@ -179,13 +180,15 @@ class BodyMasker:
             return hits, keys
         return _merge([*zip(hits, keys, strict=True), *found])
 
-    def _blanked(self, data: bytes) -> bytes:
-        """``data`` with terminal colours, no-break spaces and line-number gutters as blanks, and an
-        underscore glued to an identifier as a space (same length)."""
+    def _blanked(self, data: bytes) -> list[bytes]:
+        """``data`` with terminal colours, no-break spaces and line-number gutters as blanks; and that again
+        with an underscore glued to an identifier as a space, if there is one (same length). Both: the
+        second view would also cut names that hold an underscore before such a literal (``aws_iam_role``
+        in coloured Terraform output)."""
         alt = _BLANKS.sub(_blank, data) if 0x1B in data or 0xC2 in data or 0xE2 in data else data
-        if self._glued is not None and 0x5F in alt:
-            alt = self._glued.sub(b" ", alt)
-        return alt
+        if self._glued is not None and 0x5F in alt and self._glued.search(alt):
+            return [alt, self._glued.sub(b" ", alt)]
+        return [alt]
 
     def _unescaped(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
         """Hits in ``data`` with its backslash escapes decoded (up to three times: JSON inside a JSON string
@@ -215,9 +218,12 @@ class BodyMasker:
                 break
         if not rounds:
             return []
-        decoded = self._blanked(decoded)
+        views = self._blanked(decoded)
+        found = self.scanner.remembered(views[0])[0]
+        if len(views) > 1:  # also with glued underscores as spaces: both views' hits, merged
+            found = _merge([(h, (h[2], b"")) for v in views for h in self.scanner.remembered(v)[0]])[0]
         out = []
-        for h in self.scanner.remembered(decoded)[0]:
+        for h in found:
             s, e = h[0], h[1]
             for landed, shifts in reversed(rounds):  # back through each decoding, innermost first
                 i = bisect_left(landed, s)
