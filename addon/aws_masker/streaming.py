@@ -307,6 +307,23 @@ class _Chan:
         self.info: Any = None
 
 
+def _next_event_end(buf: bytes, pos: int, final: bool) -> int:
+    """Where the SSE event that ``pos`` is in ends (after its blank line), or -1."""
+    m = _EVENT_END_RE.search(buf, pos)
+    if m is None:
+        return -1
+    end = m.end()
+    if end == len(buf) and buf[-1] == 0x0D and not final:
+        return -1  # "\r" may be the first half of "\r\n"
+    return end
+
+
+def _next_line_end(buf: bytes, pos: int, final: bool) -> int:
+    """Where the line that ``pos`` is in ends (after its newline), or -1."""
+    end = buf.find(b"\n", pos)
+    return end + 1 if end >= 0 else -1
+
+
 class _Line:
     """One line of a JSON Lines stream: the line (``data``) and its terminator."""
 
@@ -655,46 +672,7 @@ class StreamRestorer:
     def _lines(self, data: bytes, final: bool) -> None:
         """JSON Lines (Ollama's native API): each line goes through the handlers of an SSE event's data, so a
         placeholder cut between two lines is held back and restored like one cut between two events."""
-        held = self._buf
-        if held and not final and len(held) + len(data) <= MAX_EVENT and data.find(b"\n") < 0:
-            if not isinstance(held, bytearray):  # one long line in small reads: added to in place
-                self._buf = held = bytearray(held)
-            held += data
-            return
-        buf = bytes(held) + data if held else data
-        self._buf = b""
-        self._work, self._pos = buf, 0
-        n = len(buf)
-        pos = 0
-        while True:
-            end = buf.find(b"\n", pos)
-            if end < 0:
-                break
-            if self._skipping:  # the rest of an oversized line: passed through as it is
-                self._out.append(buf[pos:end + 1])
-                self._skipping = False
-            else:
-                self._line(buf[pos:end + 1])
-            pos = self._pos = end + 1
-        if final:
-            if pos < n:
-                if self._skipping:
-                    self._out.append(buf[pos:])
-                else:
-                    self._line(buf[pos:])
-                pos = self._pos = n
-                if self._holding:  # the last line had no end: held text goes out on a line of its own
-                    self._out.append(b"\n")
-            self._flush(None, self._out)
-        elif n - pos > MAX_EVENT:  # no end of the line in sight: out unrestored, not held without bound
-            self._flush(None, self._out)
-            self._out.append(buf[pos:])
-            self._skipping = True
-            self._pos = n
-        else:
-            self._buf = buf[pos:]
-        self._work = b""
-        self._pos = 0
+        self._frames(data, final, _next_line_end, self._line, b"\n")
 
     def _line(self, raw: bytes) -> None:
         if not self._holding and (0x41 not in raw or not _MAYBE_RE.search(raw)):
@@ -715,47 +693,52 @@ class StreamRestorer:
             self._generic(ev)  # type: ignore[arg-type]
 
     def _sse(self, data: bytes, final: bool) -> None:
+        self._frames(data, final, _next_event_end, self._event, b"")
+
+    def _frames(self, data: bytes, final: bool, next_end: Callable[[bytes, int, bool], int],
+                unit: Callable[[bytes], None], gap: bytes) -> None:
+        """Cut the stream into units (SSE events, lines) with ``next_end`` and pass each complete one to
+        ``unit``; what is left waits for the next read (a unit longer than MAX_EVENT goes through unrestored).
+        At the end of the stream, ``gap`` goes out before held text if the last unit had no end."""
         held = self._buf
         if held and not final and len(held) + len(data) <= MAX_EVENT and \
-                _EVENT_END_RE.search(held[-3:] + data) is None:
-            # Still no end of the event (one large event arriving in small reads): add to it in place, not
+                next_end(bytes(held[-3:]) + data, 0, False) < 0:
+            # Still no end of the unit (one large unit arriving in small reads): add to it in place, not
             # by copying all that is held on every read.
             if not isinstance(held, bytearray):
                 self._buf = held = bytearray(held)
             held += data
             return
         buf = bytes(held) + data if held else data
-        # The bytes already held had no event end: a blank line (4 bytes at most) ending in the new data
-        # starts at most 3 bytes before them.
+        # The bytes already held had no end: an end (4 bytes at most) in the new data starts at most 3 bytes
+        # before them.
         scan = max(0, len(self._buf) - 3)
         self._buf = b""
         self._work, self._pos = buf, 0
         n = len(buf)
         pos = 0
-        search = _EVENT_END_RE.search
         while True:
-            m = search(buf, max(pos, scan))
-            if m is None:
+            end = next_end(buf, max(pos, scan), final)
+            if end < 0:
                 break
-            end = m.end()
-            if end == n and buf[-1] == 0x0D and not final:
-                break  # "\r" may be the first half of "\r\n"
-            if self._skipping:  # the rest of an oversized event: passed through as it is
+            if self._skipping:  # the rest of an oversized unit: passed through as it is
                 self._out.append(buf[pos:end])
                 self._skipping = False
             else:
-                self._event(buf[pos:end])
+                unit(buf[pos:end])
             pos = self._pos = end
         if final:
             if pos < n:
                 if self._skipping:
                     self._out.append(buf[pos:])
                 else:
-                    self._event(buf[pos:])
+                    unit(buf[pos:])
                 pos = self._pos = n
+                if gap and self._holding:  # held text goes out as a unit of its own
+                    self._out.append(gap)
             self._flush(None, self._out)
         elif n - pos > MAX_EVENT:
-            # No event end in sight: pass the bytes through unrestored rather than buffer without bound.
+            # No end in sight: pass the bytes through unrestored rather than buffer without bound.
             self._flush(None, self._out)
             self._out.append(buf[pos:])
             self._skipping = True
