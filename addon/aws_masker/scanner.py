@@ -74,17 +74,11 @@ def _without_assertions(pattern: bytes) -> bytes:
                 out += pattern[i:i + 2]
             i += 2
             continue
-        if c == 0x5B:  # [ starts a class; a ] right after [ or [^ is a literal
-            j = i + 1
-            if j < n and pattern[j] == 0x5E:
-                j += 1
-            if j < n and pattern[j] == 0x5D:
-                j += 1
-            while j < n and pattern[j] != 0x5D:
-                j += 2 if pattern[j] == 0x5C else 1
+        if c == 0x5B:  # [ starts a class
+            j = _class_end(pattern, i)
             if skip_depth == 0:
-                out += pattern[i:j + 1]
-            i = j + 1
+                out += pattern[i:j]
+            i = j
             continue
         if c == 0x28:  # (
             if skip_depth:
@@ -175,7 +169,8 @@ def _consume_lookarounds(pattern: bytes, ahead: bool = True) -> tuple[bytes, boo
 
 
 def _class_end(pattern: bytes, i: int) -> int:
-    """The index just past the character class that opens at ``pattern[i]`` (a ``[``)."""
+    """The index just past the character class that opens at ``pattern[i]`` (a ``[``; a ``]`` right after
+    ``[`` or ``[^`` is a literal)."""
     n = len(pattern)
     i += 1
     if i < n and pattern[i] == 0x5E:
