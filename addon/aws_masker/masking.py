@@ -29,6 +29,10 @@ characters, and its original is the encoded text. Text sent as base64 (a ``text/
 
 A body in a charset that does not write ASCII as ASCII bytes (UTF-16, UTF-32, EBCDIC) is decoded, masked as
 UTF-8 and encoded back; if its bytes read as they are also show identifiers, it is refused (UnreadableBody).
+
+A name that a rule recognised by its context (an account ID in an ARN, a role's name after ``role/``) is
+then masked wherever else it stands on its own in the request, with the same placeholder (rule id
+``repeat``; see ``BodyMasker._repeats``).
 """
 
 from __future__ import annotations
