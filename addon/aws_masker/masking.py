@@ -394,8 +394,10 @@ class BodyMasker:
         if countable and 0x5C in content and (_NAME_ESCAPE.search(content) or (
                 content.find(b"\\/") >= 0 and any(0x2F in o for o in names))):
             countable = False  # a name's "-" written as \u002d, its "/" as \/: its bytes cannot be counted
+        raw: dict[bytes, int] = {}  # occurrences in the body
         if countable:
-            wanted = {o: k for o, k in names.items() if content.count(o) != counts[o]}
+            raw = {o: content.count(o) for o in names}
+            wanted = {o: k for o, k in names.items() if raw[o] != counts[o]}
         else:
             wanted = names
         if not wanted and not hidden:
@@ -406,8 +408,12 @@ class BodyMasker:
                 more = repeats_in(seg.data, seg.hits, look)
                 if more:
                     seg.hits, seg.keys = merge_kept(seg.hits, seg.keys, more)
-        if others is not None:
-            others(wanted, names if hidden else {})
+        if others is None:
+            return
+        if raw and wanted:  # the other strings only need a look if the segments do not hold every occurrence
+            visible = [seg.data for seg in plan.segments if not seg.hidden]
+            wanted = {o: k for o, k in wanted.items() if sum(d.count(o) for d in visible) != raw[o]}
+        others(wanted, names if hidden else {})
 
     def _plan_text(self, content: bytes) -> MaskPlan:
         hits, keys = self.scan_text(content)
@@ -538,13 +544,15 @@ class BodyMasker:
             if not wanted:
                 return
             done = {(id(node), k, wrap is _as_key) for node, k, wrap in slots}
+            # which strings may hold a name, tested on the str (most hold none: a tool schema's thousands)
+            holds = re.compile("|".join(re.escape(o.decode("ascii")) for o in wanted)).search  # names: ASCII
             stack: list[Any] = [doc]
             while stack:
                 node = stack.pop()
                 in_dict = isinstance(node, dict)
                 if in_dict and self.mask_keys:
                     for k in node:
-                        if isinstance(k, str) and (id(node), k, True) not in done:
+                        if isinstance(k, str) and holds(k) and (id(node), k, True) not in done:
                             kb = k.encode("utf-8", "surrogatepass")
                             more = repeats_in(kb, [], wanted)
                             if more:
@@ -552,8 +560,8 @@ class BodyMasker:
                                 slots.append((node, k, _as_key))
                 for k, v in (node.items() if in_dict else enumerate(node)):
                     if isinstance(v, str):
-                        if (id(node), k, False) in done or (id(node), k) in seen64:
-                            continue  # a segment already, or a base64 document (searched above)
+                        if not holds(v) or (id(node), k, False) in done or (id(node), k) in seen64:
+                            continue  # no name, a segment already, or a base64 document (searched above)
                         b = v.encode("utf-8", "surrogatepass")
                         more = repeats_in(b, [], wanted)
                         if more:
