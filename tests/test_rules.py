@@ -207,6 +207,15 @@ def test_identifiers_in_the_context_a_rule_reads_are_masked_too(engine: str) -> 
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_hit_inside_a_rules_context_does_not_break_the_list_it_is_in(engine: str) -> None:
+    # the instance ID in the role's path is found inside the ARN's unmasked part; the next element of the
+    # principal list still follows the ARN
+    data = b'"AWS": ["arn:aws:iam::111122223333:role/ops/i-0123456789abcdef0/Admin", "444455556666"]'
+    assert full_scanner(engine).scan_values(data) == [b"111122223333", b"i-0123456789abcdef0", b"Admin",
+                                                      b"444455556666"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_line_anchored_rules_are_found_far_into_a_text(engine: str) -> None:
     # Hyperscan lost a (?m)^ match more than ~60 bytes in when its database held two such patterns
     line = b"aws_iam_role.deploy: Refreshing state... [id=deploy-bot]\n"

@@ -384,6 +384,7 @@ class Scanner:
         gaps: list[tuple[int, int]] = []  # unmasked parts of the match accepted last
         gap_rule = -1  # ... and its rule (whose own later matches there the Python engine never sees)
         inner = 0  # end of the last candidate accepted in a gap
+        last: Hit | None = None  # the hit that ends last (hits[-1] may be one accepted in a gap)
         unsorted = False
         for start, neg_end, rid, m in cands:
             end = -neg_end
@@ -400,19 +401,24 @@ class Scanner:
                 hits.extend(found)
                 inner = end
                 unsorted = True
+                if found and (last is None or found[-1][1] > last[1]):
+                    last = found[-1]
                 continue
             simple = plain[rid]
             if simple is not None:
-                hits.append(_new_hit(Hit, (start, end, *simple)))
+                last = _new_hit(Hit, (start, end, *simple))
+                hits.append(last)
                 pos = end
                 gaps = []
             elif self._acceptable(rid, m):
                 after = follows[rid]
-                if after is not None and not (hits and hits[-1][3] in after[0]
-                                              and after[1](data, hits[-1][1], start) is not None):
+                if after is not None and not (last is not None and last[3] in after[0]
+                                              and after[1](data, last[1], start) is not None):
                     continue  # not right after a hit of the rules it follows (the next list element)
                 parts = self._expand(rid, m)
                 hits.extend(parts)
+                if parts:
+                    last = parts[-1]
                 pos = end
                 gaps = _gaps(start, end, parts)
                 gap_rule = rid
