@@ -486,7 +486,8 @@ def test_at_most_two_connections(server: RedisServer, ns: str) -> None:
                 mine = [cl for cl in c.client_list() if cl.get("name") == ns]
             assert 1 <= len(mine) <= 2
             from_pool = RedisStore(client.connection_pool, ns, hmac_key=KEYS[0], enc_key=KEYS[1])
-            assert await from_pool.placeholders_for(accounts(1)) == [b"AWS_ACCOUNT_0001"]
+            # the same mapping through the shared pool (which request minted first is the scheduler's choice)
+            assert await from_pool.placeholders_for(accounts(1)) == [outs[0][0]]
             await from_pool.close()  # does not close the shared pool
         finally:
             await s.close()  # does not close a client it was given
