@@ -281,9 +281,11 @@ def test_streamed_reply_is_restored_and_inspectable_in_mitmweb(masker, env) -> N
 def test_internal_error_is_500_and_the_log_never_quotes_the_error_text(masker, caplog) -> None:
     addon, tctx = masker
 
-    class Broken:
-        def plan(self, content, ctype):
+    class Broken:  # fails at its first use (the URL's scan), and at every other
+        def scan_text(self, data):
             raise KeyError(("EC2_INSTANCE", SECRET_ID))  # what a real bug could raise
+
+        plan = scan_text
 
     addon.body_masker = Broken()
     f = make_flow(json.dumps(BODY).encode())

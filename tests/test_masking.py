@@ -713,6 +713,44 @@ def test_repeats_in_form_bodies() -> None:
     assert restored == parse_qsl(body.decode())
 
 
+@pytest.mark.parametrize(("body", "ctype"), [
+    (b"which account is deploy-bot-prod in? 123456789012, I think", "text/plain"),
+    (json.dumps({"messages": [{"role": "user", "content": "is deploy-bot-prod in 123456789012?"}]}).encode(),
+     "application/json"),  # a JSON body with no hit of its own: its strings are searched
+    (b"note=deploy-bot-prod+in+123456789012", "application/x-www-form-urlencoded"),
+])
+def test_names_the_url_gives_away_are_masked_where_they_repeat_in_the_body(body: bytes, ctype: str) -> None:
+    url = b"/v1/messages?profile=arn:aws:iam::123456789012:role/deploy-bot-prod"
+    url_hits, url_keys = MASKER.scan_text(url)
+    assert sorted(k[1] for k in url_keys) == [b"123456789012", b"deploy-bot-prod"]
+    assert not MASKER.plan(body, ctype).items  # on its own the body holds nothing a rule finds
+    plan = MASKER.plan(body, ctype, also=list(zip(url_hits, url_keys, strict=True)))
+    assert sorted(plan.items) == sorted(url_keys)  # the same keys, so the same placeholders as the URL's
+    out, mapping = plan.render(asyncio.run(MemoryStore().placeholders_for(plan.items)))
+    assert b"deploy-bot-prod" not in out and b"123456789012" not in out, out
+    assert plan.rule_counts["repeat"] == 2
+    restored = restore_bytes(out, mapping, in_json="json" in ctype)[0]
+    if "form" in ctype:
+        assert parse_qsl(restored.decode()) == parse_qsl(body.decode())
+    else:
+        assert restored == body if "json" not in ctype else json.loads(restored) == json.loads(body)
+    assert not MASKER.plan(body, ctype).items  # nothing of the URL stays behind for the next request
+
+
+def test_json_keys_that_would_collide_once_masked_are_refused() -> None:
+    """masker_json_keys: a key the client wrote as the very placeholder another key gets (one value would be
+    lost in the rewritten object) makes the body unmaskable, with a message naming only the placeholder."""
+    masker = BodyMasker(SCANNER)
+    masker.mask_keys = True
+    body = json.dumps({"input": {"i-0123456789abcdef0": "stop", "AWS_EC2_INSTANCE_0001": "start"}}).encode()
+    plan = masker.plan(body, "application/json")
+    with pytest.raises(UnreadableBody, match="AWS_EC2_INSTANCE_0001") as e:
+        plan.render([b"AWS_EC2_INSTANCE_0001"])
+    assert "i-0123456789abcdef0" not in str(e.value) and "stop" not in str(e.value)
+    out, _ = plan.render([b"AWS_EC2_INSTANCE_0002"])  # another placeholder: both keys stay, both values
+    assert json.loads(out)["input"] == {"AWS_EC2_INSTANCE_0002": "stop", "AWS_EC2_INSTANCE_0001": "start"}
+
+
 @pytest.mark.parametrize("body", [b"1", b"null", b"true", b"888880", b"-2.5e3"])
 def test_a_json_document_that_is_a_number_or_a_constant_is_forwarded_as_it_is(body: bytes) -> None:
     assert mask(body, "application/json") == (body, {})

@@ -297,6 +297,29 @@ def test_names_repeated_without_their_context_never_reach_the_upstream(client, f
     assert len(set(re.findall(rb"AWS_IAM_ROLE_\d+", rec.body))) == 1  # one placeholder for both
 
 
+def test_names_the_url_gives_away_never_reach_the_upstream_in_the_body(client, fake_upstream) -> None:
+    """The other direction: a role named by an ARN in the query string, and again on its own in the body."""
+    text = b"why can url-only-role not read the bucket? it lives in account 123456789012"
+    r = client.post(fake_upstream.url_for("/echo?profile=arn:aws:iam::123456789012:role/url-only-role"),
+                    content=text, headers={"content-type": "text/plain"})
+    assert r.status_code == 200 and r.content == text  # the echo, restored
+    rec = fake_upstream.last_request
+    for original in (b"url-only-role", b"123456789012"):
+        assert original not in rec.body and original.decode() not in rec.path, (original, rec.path, rec.body)
+    role = re.search(r"AWS_IAM_ROLE_\d+", rec.path)
+    assert role is not None and role.group().encode() in rec.body  # the same placeholder in both
+
+
+def test_json_keys_that_would_collide_once_masked_are_refused_with_415(start_proxy, fake_upstream) -> None:
+    proxy = start_proxy(**masker_options(fake_upstream, masker_json_keys="true"))
+    with proxied_client(proxy) as c:
+        # the first instance ID this proxy masks gets AWS_EC2_INSTANCE_0001: the client wrote that as a key
+        doc = {"input": {"i-0a1b2c3d4e5f60718": "stop", "AWS_EC2_INSTANCE_0001": "start"}}
+        r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=doc)
+        assert_blocked(r, 415, "AWS_EC2_INSTANCE_0001", fake_upstream)
+        assert "i-0a1b2c3d4e5f60718" not in r.text and "stop" not in r.text
+
+
 def test_a_body_in_an_unknown_charset_is_refused_with_415(client, fake_upstream) -> None:
     r = post_raw(client, fake_upstream, b"i-0a1b2c3d4e5f60718",
                  **{"content-type": "text/plain; charset=x-mac-klingon"})

@@ -606,17 +606,19 @@ class AwsMasker:
         if len(content) > limit:
             raise Blocked(413, f"decompressed request body of {len(content)} bytes is larger than "
                                f"masker_max_body ({limit} bytes)")
+        # The URL leaves too (a query parameter, a resource in the path): scanned like text, and a name it
+        # gives away (a role in an ARN) is masked where it repeats in the body, and the other way round.
+        path = req.path.encode("utf-8", "surrogateescape")
+        path_hits, path_keys = self.body_masker.scan_text(path)
         try:
-            plan = self.body_masker.plan(content, req.headers.get("content-type", ""))
+            plan = self.body_masker.plan(content, req.headers.get("content-type", ""),
+                                         also=list(zip(path_hits, path_keys, strict=True)))
         except UnreadableBody as e:
             raise Blocked(415, str(e)) from None
         if plan.names_left and self.dev:
             log.info("aws-masker: %s repeats were searched for the first %d names only, up to %d more were "
                      "not (a %d-byte body; see docs/security.md)", flow.id[:8], len(plan.names),
                      plan.names_left, len(content))
-        # The URL leaves too (a query parameter, a resource in the path): scanned like text.
-        path = req.path.encode("utf-8", "surrogateescape")
-        path_hits, path_keys = self.body_masker.scan_text(path)
         if plan.names:  # a name the body gave away, repeated in the URL
             more = repeats_in_url(path, path_hits, plan.names)
             if more:
@@ -636,7 +638,10 @@ class AwsMasker:
         body_placeholders = placeholders[:len(plan.items)]
         rules = plan.placeholder_rules(body_placeholders)
         if plan.items:
-            new_content, mapping = plan.render(body_placeholders)
+            try:
+                new_content, mapping = plan.render(body_placeholders)
+            except UnreadableBody as e:
+                raise Blocked(415, str(e)) from None
             req.content = new_content
         else:
             mapping = {}

@@ -52,6 +52,7 @@ from itertools import accumulate, chain
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
+from .placeholders import TOKEN_RE
 from .scanner import Hit, Scanner
 
 Key = tuple[str, bytes]  # (placeholder kind, original)
@@ -138,6 +139,7 @@ class BodyMasker:
         self._unescaped_seen: dict[bytes, list[tuple[Hit, Key]]] = {}
         # rules that find what they find anywhere: their originals need no search for repeats
         self._standalone = scanner.standalone_rules() | {REPEAT_RULE}
+        self._also: Sequence[tuple[Hit, Key]] = ()  # see plan()
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -297,11 +299,19 @@ class BodyMasker:
         hits, keys = self.scanner.scan_keys(value)
         return _merge([*inside, *zip(hits, keys, strict=True)])
 
-    def plan(self, content: bytes, content_type: str = "") -> MaskPlan:
+    def plan(self, content: bytes, content_type: str = "", also: Sequence[tuple[Hit, Key]] = ()) -> MaskPlan:
         """Raises UnreadableBody for a body in a charset it cannot read, or one whose bytes and text in its
-        charset both hold identifiers."""
+        charset both hold identifiers. ``also``: hits found elsewhere in the request (its URL), whose names
+        are masked where they repeat in the body too."""
         if not content:
             return MaskPlan("empty", _assemble=lambda parts: content)
+        self._also = also  # read by _repeats (plan runs start to end without yielding: no other flow sees it)
+        try:
+            return self._plan(content, content_type)
+        finally:
+            self._also = ()
+
+    def _plan(self, content: bytes, content_type: str) -> MaskPlan:
         ctype = content_type.lower()
         codec, declared = _wide_codec(content, ctype)
         if codec is None:
@@ -347,7 +357,7 @@ class BodyMasker:
             if not seg.keys and seg.hits:
                 data = seg.data
                 seg.keys = [(h[2], data[h[0]:h[1]]) for h in seg.hits]
-        if content and plan.segments:
+        if content and (plan.segments or self._also):
             self._repeats(plan, content, others, hidden, countable)
         keys: list[Key] = []
         rules: list[str] = []
@@ -373,7 +383,8 @@ class BodyMasker:
         only then are the strings searched for it. Text that is not in the body as it is (base64 documents)
         is searched for every name."""
         standalone = self._standalone
-        found: list[Key] = []  # (kind, original) of the hits of rules that need context
+        found: list[Key] = [k for h, k in self._also if h[3] not in standalone]  # in the URL
+        # (kind, original) of the hits of rules that need context
         for seg in plan.segments:
             found += [k for h, k in zip(seg.hits, seg.keys, strict=True) if h[3] not in standalone]
         if not found:
@@ -520,6 +531,15 @@ class BodyMasker:
                     node[k] = part.decode("utf-8", "surrogatepass") if wrap is None else wrap(part)
             for node, new_names in renames.values():
                 entries = list(node.items())
+                renamed = Counter(new_names.get(k, k) for k, _ in entries)
+                if len(renamed) < len(entries):
+                    # a key the client wrote as the very placeholder another key gets: one value would be lost
+                    twice = min(k for k, n in renamed.items() if n > 1)
+                    named = ", ".join(sorted({t.decode() for t in TOKEN_RE.findall(twice.encode(
+                        "utf-8", "surrogatepass"))}))  # the key's placeholders only: no body text in errors
+                    raise UnreadableBody(f"a JSON object would hold one key twice once its keys are masked "
+                                         f"(the client wrote a key with the placeholder {named} that another "
+                                         "key's identifier gets); it cannot be masked without losing a value")
                 node.clear()
                 node.update((new_names.get(k, k), v) for k, v in entries)  # the order of the keys stays
             out = doc[0] if unwrap else doc
