@@ -24,8 +24,10 @@ characters (``\\n``, ``\\t``, ``\\r``, ``\\b``, ``\\f``) and ``\\uXXXX`` of char
 separator it stands for, and the hits of both scans are merged. So is an underscore glued to the start of an
 identifier (``web_i-0abc…``: the underscore is a word character). Text with percent-encoding (a URL:
 ``?prefix=AWSLogs%2F123456789012%2F``) is scanned decoded as well; such a hit covers the escapes of its
-characters, and its original is the encoded text. Text sent as base64 (a ``text/plain`` document, a
-``data:text/csv;base64,`` URL) is decoded, masked and encoded again; binary media types are not decoded.
+characters, and its original is the encoded text. So is text with HTML/XML character references (a page's
+source, an XML report: ``&quot;OwnerId&quot;: &quot;123456789012&quot;``, ``role&#x2F;deploy``). Text sent
+as base64 (a ``text/plain`` document, a ``data:text/csv;base64,`` URL) is decoded, masked and encoded again;
+binary media types are not decoded.
 
 A body in a charset that does not write ASCII as ASCII bytes (UTF-16, UTF-32, EBCDIC) is decoded, masked as
 UTF-8 and encoded back; if its bytes read as they are also show identifiers, it is refused (UnreadableBody).
@@ -41,6 +43,7 @@ import base64
 import binascii
 import codecs
 import hashlib
+import html.entities
 import json
 import operator
 import re
@@ -56,6 +59,7 @@ from .placeholders import TOKEN_RE
 from .scanner import Hit, Scanner
 
 Key = tuple[str, bytes]  # (placeholder kind, original)
+Decoded = tuple[bytes, list[int], list[int]]  # text decoded once, where each escape lands, shifts after each
 Others = Callable[[dict[bytes, str], dict[bytes, str]], None]  # see BodyMasker._repeats
 
 
@@ -179,6 +183,8 @@ class BodyMasker:
                           if h not in have]
         if 0x25 in data or (0x24 in data and data.find(b"$25") >= 0):  # "%", or the console's "$25"
             found += self._percent_encoded(data, have)
+        if 0x26 in data and _ENTITY.search(data):  # "&": HTML/XML character references
+            found += self._decoded_scan(data, have, _unentity_once, 0x26)
         if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
             alt = self._glued.sub(b" ", data)  # same length
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
@@ -204,23 +210,26 @@ class BodyMasker:
         key = data if len(data) < 512 else hashlib.blake2b(data, digest_size=16).digest()
         found = self._unescaped_seen.get(key)
         if found is None:
-            found = self._unescaped_scan(data, hits)
+            found = self._decoded_scan(data, hits, _unescape_once, 0x5C)
             if len(self._unescaped_seen) >= UNESCAPED_ENTRIES:
                 self._unescaped_seen.clear()  # refills with what still comes
             if len(found) <= UNESCAPED_HITS_MAX:  # memory stays bounded (the scanner keeps the scan itself)
                 self._unescaped_seen[key] = found
         return found
 
-    def _unescaped_scan(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
+    def _decoded_scan(self, data: bytes, hits: set[Hit], decode_once: Callable[[bytes], Decoded | None],
+                      marker: int) -> list[tuple[Hit, Key]]:
+        """Hits of ``data`` decoded by ``decode_once`` (up to three times, while ``marker`` — the byte
+        escapes start with — is left), mapped back to spans of ``data``."""
         rounds: list[tuple[list[int], list[int]]] = []  # per decoding: where escapes land, shift after each
         decoded = data
         for _ in range(3):
-            once = _unescape_once(decoded)
+            once = decode_once(decoded)
             if once is None:
                 break
             decoded, landed, shifts = once
             rounds.append((landed, shifts))
-            if 0x5C not in decoded:
+            if marker not in decoded:
                 break
         if not rounds:
             return []
@@ -505,6 +514,7 @@ class BodyMasker:
                             continue
                     if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
                             or 0x1B in b or 0xC2 in b or 0xE2 in b  # escapes, "%", "$25", ESC, NBSP, "→"
+                            or 0x26 in b  # "&": a character reference (&quot;)
                             or (0x5F in b and glued is not None and glued(b))):  # "_" glued to an ID
                         hits, keys = scan(b, context)
                     else:  # inline: most values are short and hold nothing
@@ -746,6 +756,45 @@ def _unescape_once(data: bytes) -> tuple[bytes, list[int], list[int]] | None:
     return b"".join(parts), landed, shifts
 
 
+# HTML/XML character references: numeric (decimal, hex) and the named ones HTML5 knows, with their ";".
+_ENTITY = re.compile(rb"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def _entity_char(ref: bytes) -> bytes | None:
+    if ref[:1] != b"#":
+        named = html.entities.html5.get(ref.decode("ascii") + ";")
+        return named.encode("utf-8") if named is not None else None
+    code = int(ref[2:], 16) if ref[1:2] in b"xX" else int(ref[1:])
+    if not 0 < code < 0x110000 or 0xD800 <= code < 0xE000:
+        return None
+    return chr(code).encode("utf-8")
+
+
+def _unentity_once(data: bytes) -> tuple[bytes, list[int], list[int]] | None:
+    """``data`` with its character references decoded, like ``_unescape_once`` (None without any)."""
+    parts: list[bytes] = []
+    landed: list[int] = []
+    shifts: list[int] = []
+    at = size = lost = 0  # where the text not yet copied starts; bytes written; bytes lost so far
+    for m in _ENTITY.finditer(data):
+        char = _entity_char(m.group(1))
+        if char is None:  # not a reference HTML knows: the text as it is
+            continue
+        s, e = m.span()
+        parts.append(data[at:s])
+        size += s - at
+        landed.append(size)
+        parts.append(char)
+        size += len(char)
+        lost += (e - s) - len(char)
+        shifts.append(lost)
+        at = e
+    if not landed:
+        return None
+    parts.append(data[at:])
+    return b"".join(parts), landed, shifts
+
+
 # Objects that pair a name with a value — container environment variables ({"name": …, "value": …}, ECS and
 # Kubernetes), tags ({"Key": …, "Value": …}), SSM parameters: the value is scanned after its name.
 _VALUE_KEYS = frozenset({"value", "Value"})
@@ -770,9 +819,9 @@ _ESCAPE_LETTERS = frozenset(b'"\\/bfnrtu')
 
 def _may_hide(value: bytes) -> bool:
     """Whether ``value`` has a byte of what ``_with_decodings`` reads: a backslash, "%", "_", "$" (the
-    console's $25), ESC, or the first byte of a no-break space or of "→" (int needles: fast)."""
+    console's $25), "&", ESC, or the first byte of a no-break space or of "→" (int needles: fast)."""
     return (0x5C in value or 0x25 in value or 0x5F in value or 0x24 in value or 0x1B in value
-            or 0xC2 in value or 0xE2 in value)
+            or 0xC2 in value or 0xE2 in value or 0x26 in value)
 
 
 def _blank(m: re.Match[bytes]) -> bytes:
@@ -833,8 +882,11 @@ def repeats_in(data: bytes, hits: Sequence[Hit], names: dict[bytes, str]) -> lis
         while i >= 0:
             e = i + len(original)
             if (i == 0 or (view[i - 1] not in _NAME_BYTES and view[i - 1] != 0x2E)) and (
-                    e == size or (view[e] not in _NAME_BYTES
-                                  and not (view[e] == 0x2E and e + 1 < size and view[e + 1] in _NAME_BYTES))):
+                    e == size or (view[e] not in _NAME_BYTES and not (
+                        view[e] == 0x2E and e + 1 < size and view[e + 1] in _NAME_BYTES))) \
+                    and (view is data or (view[i] == data[i] and view[e - 1] == data[e - 1])):
+                # (a name that is itself read as blanks — the start of a line number "1234567890120→" — is
+                # inside what was blanked, not beside it)
                 found.append((Hit(i, e, kind, REPEAT_RULE), (kind, original)))
             i = data.find(original, i + 1)
     return _outside(found, hits)
