@@ -96,6 +96,22 @@ def test_same_original_same_placeholder_different_originals_differ() -> None:
     assert TOKEN_RE.findall(out2) == [tokens1[0]]
 
 
+def test_text_glued_before_an_identifier_that_reads_as_part_of_its_placeholder_is_restored() -> None:
+    """"AWS_" glued to an ID is masked as AWS_AWS_EC2_INSTANCE_0001: the token grammar reads both as one token
+    (greedy, like a longer placeholder). Restore sets the glued text apart again."""
+    text = b"env AWS_i-0123456789abcdef0, MY_AWS_X_sg-0123456789abcdef0 and AWS_AKIAIOSFODNN7EXAMPLE"
+    out, mapping = mask(text, "text/plain")
+    assert b"AWS_AWS_EC2_INSTANCE_0001" in out and b"i-0123456789abcdef0" not in out
+    assert restore_bytes(out, mapping) == (text, len(TOKEN_RE.findall(out)))
+    body = json.dumps({"content": text.decode()}).encode()
+    out, mapping = mask(body, "application/json")
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
+    # a longer placeholder that is known wins over the one it ends in
+    both = {b"AWS_ARN_AWS_MARKETPLACE_0001": b"arn:aws:aws-marketplace:x", b"AWS_MARKETPLACE_0001": b"m"}
+    assert restore_bytes(b"(AWS_ARN_AWS_MARKETPLACE_0001)", both)[0] == b"(arn:aws:aws-marketplace:x)"
+    assert restore_bytes(b"AWS_AWS_UNKNOWN_0001", mapping) == (b"AWS_AWS_UNKNOWN_0001", 0)
+
+
 def test_text_without_identifiers_is_returned_unchanged() -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "deploy m5.large in us-east-1a"}]},
                       indent=2).encode()
@@ -840,7 +856,8 @@ def test_placeholder_typed_by_the_client_is_not_restored_from_another_flow() -> 
 
 
 FILLER = st.lists(st.sampled_from([*" \n\t,.:;\"'()[]{}=/-_abcXYZ019é→", "&quot;", "&#x2F;", "&amp;", "&#47;",
-                                   "%2F"]), max_size=12).map("".join)  # and what the decoded views read
+                                   "%2F", "AWS_", "MY_AWS_X_"]),  # what decoded views read; a token's start
+                  max_size=12).map("".join)
 
 
 @settings(max_examples=300, deadline=None)

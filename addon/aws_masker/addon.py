@@ -25,7 +25,7 @@ from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .guard import GUARD
 from .masking import BodyMasker, UnreadableBody, merge_kept, repeats_in_url, text_codec
-from .placeholders import PREFIX, TOKEN_RE, restore_bytes
+from .placeholders import PREFIX, TOKEN_RE, glued_suffixes, restore_bytes
 from .rules import RuleError, check_examples, load_rules, with_followed
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
@@ -808,7 +808,9 @@ class AwsMasker:
         """This flow's mappings; with namespace scope also any other placeholder of the namespace."""
         if not self.namespace_scope or content.find(PREFIX) < 0:
             return state.mapping
-        unknown = [t for t in dict.fromkeys(TOKEN_RE.findall(content)) if t not in state.mapping]
+        tokens = TOKEN_RE.findall(content)
+        unknown = [t for t in dict.fromkeys(tokens + [g for t in tokens for g in glued_suffixes(t)])
+                   if t not in state.mapping]  # (and what a token glued after other text may be)
         if not unknown:
             return state.mapping
         try:

@@ -4,6 +4,9 @@
 * the counter is zero-padded to four digits and grows beyond that (``AWS_ACCOUNT_12345``);
 * a token is always read greedily to its last digit, so ``AWS_ACCOUNT_1000`` is never read as
   ``AWS_ACCOUNT_100`` followed by ``0``;
+* text glued before a placeholder that reads as part of it (``AWS_`` in ``AWS_i-0abc…``, masked as
+  ``AWS_AWS_EC2_INSTANCE_0001``) is set apart again on restore: a token that is not a known placeholder but
+  ends in one (after a ``_``) is restored as its start plus that placeholder's original;
 * the number is a per-kind counter kept by the store, so nothing about the original can be derived from it.
 """
 
@@ -48,6 +51,26 @@ def json_escape(original: bytes) -> bytes:
     return _JSON_SPECIAL.sub(lambda m: _JSON_ESCAPES[m.group(0)[0]], original)
 
 
+def glued_suffixes(token: bytes) -> list[bytes]:
+    """The placeholders ``token`` could end in, longest first: its tails that start after a ``_`` with
+    ``AWS_`` (``AWS_AWS_EC2_INSTANCE_0001`` -> ``AWS_EC2_INSTANCE_0001``)."""
+    out = []
+    i = token.find(b"_AWS_", 3)
+    while i >= 0:
+        out.append(token[i + 1:])
+        i = token.find(b"_AWS_", i + 1)
+    return out
+
+
+def glued_split(token: bytes, mapping: dict[bytes, bytes]) -> tuple[bytes, bytes] | None:
+    """(the text glued before it, the placeholder) for a ``token`` that is no placeholder of ``mapping``
+    but ends in one (the longest such); None when it does not."""
+    for tail in glued_suffixes(token):
+        if tail in mapping:
+            return token[:len(token) - len(tail)], tail
+    return None
+
+
 def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes] | None = None,
                   in_json: bool = False) -> tuple[bytes, int]:
     """Replace every placeholder of ``mapping`` in ``data`` by its original.
@@ -62,6 +85,14 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes]
     parts = _TOKEN_SPLIT.split(data)
     tokens = parts[1::2]
     known = [t for t in tokens if t in mapping]
+    if len(known) < len(tokens) and data.find(b"_AWS_") >= 0:  # text glued before a placeholder?
+        glued = {t: g for t in tokens if t not in mapping and (g := glued_split(t, mapping)) is not None}
+        if glued:
+            for k, t in enumerate(tokens):
+                if t in glued:  # the glued text goes back as text, before the placeholder's original
+                    parts[2 * k] += glued[t][0]
+            tokens = [glued[t][1] if t in glued else t for t in tokens]
+            known = [t for t in tokens if t in mapping]
     if not known:
         return data, 0
     if seen is not None:

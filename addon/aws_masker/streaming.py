@@ -46,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
-from .placeholders import TOKEN_RE, restore_bytes, tail_to_hold
+from .placeholders import TOKEN_RE, glued_split, restore_bytes, tail_to_hold
 
 log = logging.getLogger(__name__)
 
@@ -524,21 +524,26 @@ class StreamRestorer:
             tok = m.group(0)
             ent = cache.get(tok, _MISS)
             if ent is _MISS:
-                orig = mapping.get(tok.encode("ascii"))
+                raw = tok.encode("ascii")
+                orig, glued, placeholder = mapping.get(raw), "", tok
+                if orig is None and (split := glued_split(raw, mapping)) is not None:
+                    glued, placeholder = split[0].decode("ascii"), split[1].decode("ascii")  # "AWS_" + it
+                    orig = mapping[split[1]]
                 if orig is None:
                     ent = None
                 else:
                     text = orig.decode("utf-8", "replace")
                     ent = (
-                        text,
-                        json.dumps(text, ensure_ascii=False)[1:-1],
-                        orig.decode("utf-8", "surrogateescape"),
+                        glued + text,
+                        glued + json.dumps(text, ensure_ascii=False)[1:-1],
+                        glued + orig.decode("utf-8", "surrogateescape"),
+                        placeholder,
                     )
                 cache[tok] = ent
             if ent is None:
                 return tok
             count += 1
-            seen[tok] += 1
+            seen[ent[3]] += 1
             return str(ent[kind])
 
         out = _TOKEN_STR_RE.sub(sub, s)
