@@ -124,7 +124,7 @@ def test_store_unavailable_blocked_with_503_or_forwarded_when_fail_open(masker) 
     class DeadStore:
         name = "dead"
 
-        async def placeholders_for(self, items):
+        async def placeholders_for(self, items, avoid=()):
             raise StoreUnavailable("connection refused")
 
     addon.store = DeadStore()

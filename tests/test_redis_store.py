@@ -156,6 +156,18 @@ def test_one_round_trip_per_call(server: RedisServer, ns: str) -> None:
     run(with_stores(1, lambda: store(server, ns, chunk_size=1000), body))
 
 
+def test_a_new_placeholder_is_never_one_the_request_holds_as_text(server: RedisServer, ns: str) -> None:
+    async def body(s: RedisStore) -> None:
+        avoid = {b"AWS_ACCOUNT_0001", b"AWS_ACCOUNT_0003", b"not a placeholder"}
+        assert await s.placeholders_for(accounts(2), avoid) == [b"AWS_ACCOUNT_0002", b"AWS_ACCOUNT_0004"]
+        assert await s.placeholders_for(accounts(3)) == [b"AWS_ACCOUNT_0002", b"AWS_ACCOUNT_0004",
+                                                         b"AWS_ACCOUNT_0005"]
+        # one already minted is kept even when the request also holds it as text
+        assert await s.placeholders_for(accounts(1), {b"AWS_ACCOUNT_0002"}) == [b"AWS_ACCOUNT_0002"]
+
+    run(with_stores(1, lambda: store(server, ns), body))
+
+
 def test_noscript_falls_back_to_eval(server: RedisServer, ns: str) -> None:
     async def body(s: RedisStore) -> None:
         before = await s.placeholders_for(accounts(3))

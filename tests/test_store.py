@@ -46,3 +46,13 @@ def test_mappings_expire_after_ttl_and_use_refreshes_them() -> None:
     clock.now += 5  # b is 13 s old, a 5 s
     assert asyncio.run(store.originals_for([b"AWS_K_0001", b"AWS_K_0002"])) == {b"AWS_K_0001": b"a"}
     assert store.lookup([("K", b"a"), ("K", b"b")]) == [b"AWS_K_0001", b"AWS_K_0003"]
+
+
+def test_a_new_placeholder_is_never_one_the_request_holds_as_text() -> None:
+    store = MemoryStore()
+    avoid = {b"AWS_ACCOUNT_0001", b"AWS_ACCOUNT_0003"}
+    got = store.lookup([("ACCOUNT", b"111122223333"), ("ACCOUNT", b"444455556666")], avoid)
+    assert got == [b"AWS_ACCOUNT_0002", b"AWS_ACCOUNT_0004"]  # the numbers the request holds are skipped
+    assert store.lookup([("ACCOUNT", b"777788889999")]) == [b"AWS_ACCOUNT_0005"]  # and never handed out
+    # an original that already has one keeps it, even when the request also holds it as text
+    assert store.lookup([("ACCOUNT", b"111122223333")], {b"AWS_ACCOUNT_0002"}) == [b"AWS_ACCOUNT_0002"]

@@ -634,7 +634,12 @@ class AwsMasker:
         if path_hits:
             known = set(items)
             items = [*items, *(k for k in dict.fromkeys(path_keys) if k not in known)]
-        placeholders = await self.store.placeholders_for(items)
+        # Placeholders the request holds as text (one the model invented, come back in the history): a new
+        # identifier must not get one of them, or the model would read both as one and the reply restore both.
+        avoid = set(TOKEN_RE.findall(content)) if content.find(PREFIX) >= 0 else set()
+        if path.find(PREFIX) >= 0:
+            avoid.update(TOKEN_RE.findall(path))
+        placeholders = await self.store.placeholders_for(items, avoid)
         body_placeholders = placeholders[:len(plan.items)]
         rules = plan.placeholder_rules(body_placeholders)
         if plan.items:

@@ -60,7 +60,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -88,7 +88,8 @@ _KID_LEN = 4
 _NONCE_LEN = 12
 
 # ARGV: key prefix ("{ns}:"), ttl, number of previous HMAC keys, prefix of a value sealed with the current
-# key (or the plain tag), the items, and last, when the HMAC key is the generated shared one, that key:
+# key (or the plain tag), the items, the placeholders not to mint (the request holds them as text; space
+# separated, maybe none), and last, when the HMAC key is the generated shared one, that key:
 # written again (NX), so a proxy started after Redis lost its data adopts the key of the proxies already
 # running. The items are ONE argument (packing hundreds of arguments costs the client more than the script
 # costs Redis): per item, as <length>:<bytes> fields, the kind, the sealed original, the hex HMAC of the
@@ -102,8 +103,12 @@ local vprefix = ARGV[4]
 local blob = ARGV[5]
 local plen = string.len(vprefix)
 local fwdns = ns .. 'fwd:'
-if ARGV[6] then
-  redis.call('SET', ns .. 'meta:hmac-key', ARGV[6], 'NX')
+local avoid = {}
+for t in string.gmatch(ARGV[6], '%S+') do
+  avoid[t] = true
+end
+if ARGV[7] then
+  redis.call('SET', ns .. 'meta:hmac-key', ARGV[7], 'NX')
 end
 local pos = 1
 local size = string.len(blob)
@@ -142,7 +147,7 @@ while pos <= size do
     local ctr = ns .. 'ctr:' .. kind
     repeat
       p = 'AWS_' .. kind .. '_' .. string.format('%04d', redis.call('INCR', ctr))
-    until redis.call('SET', ns .. 'rev:' .. p, value, 'NX', 'EX', ttl)
+    until (not avoid[p]) and redis.call('SET', ns .. 'rev:' .. p, value, 'NX', 'EX', ttl)
     redis.call('SET', fwd, p, 'EX', ttl)
   end
   out[#out + 1] = p
@@ -372,9 +377,11 @@ class RedisStore:
             self._hmac_keys.append(value)
             self._shared_key = value
 
-    async def placeholders_for(self, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
+    async def placeholders_for(self, items: Sequence[tuple[str, bytes]],
+                               avoid: Collection[bytes] = ()) -> list[bytes]:
         if not items:
             return []
+        avoiding = b" ".join(p for p in avoid if TOKEN_RE.fullmatch(p))
         if not self._hmac_keys:
             await self._shared_hmac_key()
         calls = []
@@ -392,7 +399,7 @@ class RedisStore:
                 fields.append(b"%d:%s%d:%s" % (len(k), k, len(value), value))
                 fields += [b"64:%s" % digest(h, msg, "sha256").hex().encode() for h in hmac_keys]
             argv: list[bytes | str | int] = [self._prefix, self.ttl, len(hmac_keys) - 1, self._sealer.prefix,
-                                             b"".join(fields)]
+                                             b"".join(fields), avoiding]
             if self._shared_key is not None:
                 argv.append(self._shared_key)
             calls.append((0, *argv))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from .placeholders import format_placeholder
@@ -22,8 +22,10 @@ class StoreUnavailable(Exception):
 class Store(Protocol):
     name: str
 
-    async def placeholders_for(self, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
-        """Placeholders for unique ``(kind, original)`` items, minting missing ones; refreshes their TTL."""
+    async def placeholders_for(self, items: Sequence[tuple[str, bytes]],
+                               avoid: Collection[bytes] = ()) -> list[bytes]:
+        """Placeholders for unique ``(kind, original)`` items, minting missing ones; refreshes their TTL. A
+        new one is never one of ``avoid`` (placeholders the request holds as text: the number is skipped)."""
         ...
 
     async def originals_for(self, placeholders: Sequence[bytes]) -> dict[bytes, bytes]:
@@ -54,7 +56,7 @@ class MemoryStore:
         placeholder, _ = self._by_original.pop(key)
         self._by_placeholder.pop(placeholder, None)
 
-    def lookup(self, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
+    def lookup(self, items: Sequence[tuple[str, bytes]], avoid: Collection[bytes] = ()) -> list[bytes]:
         now = self._now()
         expires = now + self.ttl
         out = []
@@ -72,8 +74,11 @@ class MemoryStore:
                     self._drop(key)
                 kind = key[0]
                 n = counters.get(kind, 0) + 1
-                counters[kind] = n
                 placeholder = format_placeholder(kind, n)
+                while placeholder in avoid:  # the request holds this text itself: the number is skipped
+                    n += 1
+                    placeholder = format_placeholder(kind, n)
+                counters[kind] = n
                 by_placeholder[placeholder] = key
             entries[key] = (placeholder, expires)
             out.append(placeholder)
@@ -81,8 +86,9 @@ class MemoryStore:
             self._drop(next(iter(entries)))
         return out
 
-    async def placeholders_for(self, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
-        return self.lookup(items)
+    async def placeholders_for(self, items: Sequence[tuple[str, bytes]],
+                               avoid: Collection[bytes] = ()) -> list[bytes]:
+        return self.lookup(items, avoid)
 
     async def originals_for(self, placeholders: Sequence[bytes]) -> dict[bytes, bytes]:
         now = self._now()
