@@ -315,12 +315,13 @@ def test_a_placeholder_the_request_holds_as_text_is_never_minted_for_an_identifi
     """A token the model invented (AWS_ACCOUNT_0001), back in the history, beside a new account: the account
     gets another number, so the model tells them apart and the reply restores each as it was."""
     proxy = start_proxy(**masker_options(fake_upstream))  # fresh: the first account would get _0001
-    text = b"you called it AWS_ACCOUNT_0001 before; the real one is arn:aws:iam::123456789012:root"
+    text = (b"you called it AWS_ACCOUNT_0001 before (and MY_AWS_X_AWS_ACCOUNT_0002, which reads as a longer "
+            b"token); the real one is arn:aws:iam::123456789012:root")
     with proxied_client(proxy) as c:
         r = c.post(fake_upstream.url_for("/echo"), content=text, headers={"content-type": "text/plain"})
     assert r.status_code == 200 and r.content == text  # the echo: the literal token stays a token
     sent = fake_upstream.last_request.body
-    assert b"AWS_ACCOUNT_0001 before" in sent and b"arn:aws:iam::AWS_ACCOUNT_0002:root" in sent, sent
+    assert b"AWS_ACCOUNT_0001 before" in sent and b"arn:aws:iam::AWS_ACCOUNT_0003:root" in sent, sent
 
 
 def test_json_keys_that_would_collide_once_masked_are_refused_with_415(start_proxy, fake_upstream) -> None:

@@ -636,9 +636,9 @@ class AwsMasker:
             items = [*items, *(k for k in dict.fromkeys(path_keys) if k not in known)]
         # Placeholders the request holds as text (one the model invented, come back in the history): a new
         # identifier must not get one of them, or the model would read both as one and the reply restore both.
-        avoid = set(TOKEN_RE.findall(content)) if content.find(PREFIX) >= 0 else set()
+        avoid = _tokens_in(content) if content.find(PREFIX) >= 0 else set()
         if path.find(PREFIX) >= 0:
-            avoid.update(TOKEN_RE.findall(path))
+            avoid |= _tokens_in(path)
         placeholders = await self.store.placeholders_for(items, avoid)
         body_placeholders = placeholders[:len(plan.items)]
         rules = plan.placeholder_rules(body_placeholders)
@@ -861,6 +861,12 @@ def _unknown_options() -> list[str]:
             close = difflib.get_close_matches(name, ours, n=1)
             out.append(f"unknown option --set {name}" + (f" (did you mean {close[0]}?)" if close else ""))
     return out
+
+
+def _tokens_in(data: bytes) -> set[bytes]:
+    """The placeholder tokens ``data`` holds as text, and those they may end in (as a reply is restored)."""
+    tokens = set(TOKEN_RE.findall(data))
+    return tokens.union(*map(glued_suffixes, tokens))
 
 
 def _redact_url(url: str) -> str:
