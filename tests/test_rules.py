@@ -216,6 +216,17 @@ def test_a_hit_inside_a_rules_context_does_not_break_the_list_it_is_in(engine: s
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_match_that_starts_inside_a_hit_and_runs_past_it_is_masked_past_it(engine: str) -> None:
+    """A bucket name may end in ".arn": in an ARN glued to a bucket ARN by a dot, the bucket took the "arn"
+    of the next ARN, whose account and role were then skipped (found by a differential fuzzer: the two engines
+    disagreed on what followed)."""
+    data = b"arn:aws:s3:::acme-logs-prod.arn:aws:iam::123456789012:role/DeployRole and"
+    assert full_scanner(engine).scan_values(data) == [b"acme-logs-prod.arn", b"123456789012", b"DeployRole"]
+    data = b"arn:aws:s3:::d.arn:aws:m::123456789012:arn:aws:s::111122223333:"
+    assert full_scanner(engine).scan_values(data) == [b"d.arn", b"123456789012", b"aws:s::111122223333"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_line_anchored_rules_are_found_far_into_a_text(engine: str) -> None:
     # Hyperscan lost a (?m)^ match more than ~60 bytes in when its database held two such patterns
     line = b"aws_iam_role.deploy: Refreshing state... [id=deploy-bot]\n"

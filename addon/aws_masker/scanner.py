@@ -381,6 +381,7 @@ class Scanner:
         plain = self._plain
         follows = self._follows
         pos = 0
+        pos_rule = -1  # the rule of the match that ends at pos
         gaps: list[tuple[int, int]] = []  # unmasked parts of the match accepted last
         gap_rule = -1  # ... and its rule (whose own later matches there the Python engine never sees)
         inner = 0  # end of the last candidate accepted in a gap
@@ -393,6 +394,18 @@ class Scanner:
             if start < pos:
                 if not gaps or start < inner or rid == gap_rule or \
                         not any(gs <= start and end <= ge for gs, ge in gaps):
+                    if end > pos and rid != pos_rule and plain[rid] is None and follows[rid] is None \
+                            and self._acceptable(rid, m):
+                        # A match that starts inside the last one and runs on past it (an ARN whose "arn"
+                        # a bucket name ending in ".arn" took): its groups past it are masked.
+                        beyond = [h for h in self._expand(rid, m) if h[0] >= pos]
+                        if beyond:
+                            hits.extend(beyond)
+                            gaps = _gaps(pos, end, beyond)
+                            gap_rule = pos_rule = rid
+                            pos = end
+                            if last is None or beyond[-1][1] > last[1]:
+                                last = beyond[-1]
                     continue
                 if follows[rid] is not None or not self._acceptable(rid, m):
                     continue
@@ -409,6 +422,7 @@ class Scanner:
                 last = _new_hit(Hit, (start, end, *simple))
                 hits.append(last)
                 pos = end
+                pos_rule = rid
                 gaps = []
             elif self._acceptable(rid, m):
                 after = follows[rid]
@@ -421,7 +435,7 @@ class Scanner:
                     last = parts[-1]
                 pos = end
                 gaps = _gaps(start, end, parts)
-                gap_rule = rid
+                gap_rule = pos_rule = rid
         if unsorted:
             hits.sort()
         return hits
