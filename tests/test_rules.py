@@ -480,6 +480,34 @@ def test_a_following_rule_counts_only_right_after_the_rules_it_follows(tmp_path:
     assert Scanner(with_followed(rules[1], rules), engine).scan_values(b"w-1111,2222") == [b"w-1111", b"2222"]
 
 
+_DESCRIBE_TEXT = "\n".join([  # aws ec2 describe-vpcs / -security-groups / -images / -snapshots --output text
+    "VPCS\t10.0.0.0/16\tdopt-0a1b2c3d\tdefault\tFalse\t111122223333\tavailable\tvpc-0a1b2c3d4e5f67890",
+    "CIDRBLOCKASSOCIATIONSET\tvpc-cidr-assoc-0a1b2c3d\t10.0.0.0/16",
+    "SECURITYGROUPS\tdefault VPC security group\tsg-0123456789abcdef0\tdefault\t111122223333\t"
+    "vpc-0a1b2c3d4e5f67890",
+    "IPPERMISSIONS\t-1",
+    "USERIDGROUPPAIRS\tsg-0123456789abcdef0\t444455556666",
+    "IMAGES\tx86_64\t2024-01-01T00:00:00.000Z\tTrue\txen\tami-0123456789abcdef0\tbase/v3\tmachine\tv3\t"
+    "777788889999\tLinux/UNIX\tFalse\t/dev/xvda\tebs\tsimple\tavailable\thvm",
+    "SNAPSHOTS\tCreated by CreateImage\tFalse\t222233334444\t100%\tsnap-0123456789abcdef0\t"
+    "2024-01-01T00:00:00.000Z\tcompleted\tvol-0123456789abcdef0\t8",
+    "TRANSITGATEWAYATTACHMENTS\t2024-01-01T00:00:00.000Z\tvpc-0a1b2c3d4e5f67890\t555566667777\tvpc\tavailable\t"
+    "tgw-attach-0a1b2c3d4e5f67890\ttgw-0a1b2c3d4e5f67890\t888899990000",
+    # aws s3api list-objects-v2 / aws dynamodb describe-table --output text: 12-digit sizes, not accounts
+    "CONTENTS\t\"d41d8cd98f00b204e9800998ecf8427e\"\tlake/part-0001.parquet\t2024-01-01T00:00:00.000Z\t"
+    "123456789012\tSTANDARD",
+    "TABLE\t2024-01-01T00:00:00.000000+00:00\tFalse\t987654321\torders\t210987654321\tACTIVE",
+])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cli_text_rows_mask_their_owner_columns_and_keep_sizes(engine: str) -> None:
+    found = {text.decode() for text in full_scanner(engine).scan_values(_DESCRIBE_TEXT.encode())}
+    assert {"111122223333", "444455556666", "777788889999", "222233334444", "555566667777",
+            "888899990000"} <= found
+    assert not found & {"123456789012", "210987654321", "987654321"}
+
+
 def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
     policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
         "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
