@@ -508,6 +508,36 @@ def test_cli_text_rows_mask_their_owner_columns_and_keep_sizes(engine: str) -> N
     assert not found & {"123456789012", "210987654321", "987654321"}
 
 
+_KMS_TEXT = "\n".join([  # aws kms list-aliases / list-keys --output text, and a --query of both columns
+    "ALIASES\tarn:aws:kms:us-east-1:111122223333:alias/aws/ebs\talias/aws/ebs\t2024-01-01T00:00:00.000000+00:00\t"
+    "2024-01-01T00:00:00.000000+00:00\t0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e",
+    "ALIASES\tarn:aws:kms:us-east-1:111122223333:alias/orders-prod\talias/orders-prod\t"
+    "2024-01-01T00:00:00.000000+00:00\t2024-01-01T00:00:00.000000+00:00\t1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d",
+    "KEYS\tarn:aws:kms:us-east-1:111122223333:key/2b3c4d5e-6f7a-8b9c-0d1e-2f3a4b5c6d7e\t"
+    "2b3c4d5e-6f7a-8b9c-0d1e-2f3a4b5c6d7e",
+    "alias/billing/pii\t3c4d5e6f-7a8b-9c0d-1e2f-3a4b5c6d7e8f",
+    "alias/payments-signing\talias/aws/s3",
+])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kms_keys_and_aliases_in_cli_text_rows_are_masked(engine: str) -> None:
+    data = _KMS_TEXT.encode()
+    hits = full_scanner(engine).scan(data)
+    values = {data[h.start:h.end].decode(): h.kind for h in hits}
+    for key in ("0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e", "1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d",
+                "2b3c4d5e-6f7a-8b9c-0d1e-2f3a4b5c6d7e", "3c4d5e6f-7a8b-9c0d-1e2f-3a4b5c6d7e8f"):
+        assert values.get(key) == "KMS_KEY", key
+    covered = bytearray(len(data))
+    for h in hits:
+        covered[h.start:h.end] = b"\x01" * (h.end - h.start)
+    for alias in (b"orders-prod", b"billing/pii", b"payments-signing"):  # every occurrence
+        at = [m.start() for m in re.finditer(re.escape(alias), data)]
+        assert at and all(all(covered[i:i + len(alias)]) for i in at), alias
+    masked = {data[h.start:h.end] for h in hits}
+    assert not masked & {b"aws/ebs", b"aws/s3", b"ebs", b"s3"}
+
+
 def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
     policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
         "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
