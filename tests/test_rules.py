@@ -538,6 +538,43 @@ def test_kms_keys_and_aliases_in_cli_text_rows_are_masked(engine: str) -> None:
     assert not masked & {b"aws/ebs", b"aws/s3", b"ebs", b"s3"}
 
 
+_ELB_LOG = "\n".join([  # ALB, Classic and NLB access log lines of IPv6 clients and targets (address:port)
+    'h2 2026-09-10T23:55:00.361692Z app/web-alb/50dc6c495c0c9188 '
+    '2001:db8:4538:1:bcf4:5264:e01c:f215:50718 10.0.0.12:80 0.000 0.003 0.000 401 401 29 805 "GET '
+    'https://api.example.com:443/v1 HTTP/2.0" "okhttp/4.11" ECDHE-RSA-AES128-GCM-SHA256 TLSv1.2 - '
+    '"Root=1-64fe5754-33ecd7461b3736944677bb97" "api.example.com" "session-reused" 11 '
+    '2026-09-10T23:55:00.358000Z "forward" "-" "-" "10.0.0.12:80" "401" "-" "-"',
+    'https 2026-09-10T23:55:01.000000Z app/web-alb/50dc6c495c0c9188 2001:db8:85a3::8a2e:51744 '
+    '2001:db8:c0de:7c01:63c:b510:129f:89f1:8080 0.001 0.010 0.000 200 200 120 512 "GET / HTTP/1.1" '
+    '"curl/8" - - - "Root=1-64fe5754-33ecd7461b3736944677bb98" "-" "-" 0 '
+    '2026-09-10T23:55:00.990000Z "forward" "-" "-" "2001:db8:c0de:7c01:63c:b510:129f:89f1:8080" '
+    '"200" "-" "-"',
+    '2026-09-10T23:55:02.000000Z classic-elb 2001:db8:abcd:12::5:443 10.0.1.7:80 0.000052 0.006129 '
+    '0.000037 200 200 0 0 "GET https://www.example.com/ HTTP/1.1" "Mozilla/5.0" '
+    'ECDHE-RSA-AES128-SHA256 TLSv1.2',
+    'tls 2.0 2026-09-10T07:46:43 net/my-nlb/50dc6c495c0c9188 0123456789abcdef '
+    '2001:db8:1d0c:29b7:c9b2:7b5a:e7d0:2380:55932 2001:db8:138:7c01:63c:b510:129f:89f2:443 35040 '
+    '48 2150 1726 - - - TLS_AES_128_GCM_SHA256 tlsv13',
+    'proxy on ::1:8080, peer fe80::1ff:fe23:4567:890a:51000',
+])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ipv6_client_and_target_addresses_of_elb_logs_are_masked_without_their_ports(engine: str) -> None:
+    data = _ELB_LOG.encode()
+    hits = full_scanner(engine).scan(data)
+    found = [data[h.start:h.end].decode() for h in hits if h.kind == "IPV6"]
+    assert found == [
+        "2001:db8:4538:1:bcf4:5264:e01c:f215", "2001:db8:85a3::8a2e", "2001:db8:c0de:7c01:63c:b510:129f:89f1",
+        "2001:db8:c0de:7c01:63c:b510:129f:89f1",
+        "2001:db8:abcd:12::5:443",  # ambiguous: itself an address, masked whole (the port with it)
+        "2001:db8:1d0c:29b7:c9b2:7b5a:e7d0:2380", "2001:db8:138:7c01:63c:b510:129f:89f2"]
+    masked = bytearray(data)
+    for h in reversed(hits):
+        masked[h.start:h.end] = b"AWS_%s_0001" % h.kind.encode()
+    assert b"AWS_IPV6_0001:50718 " in masked and b"::1:8080" in masked and b"fe80::" in masked
+
+
 def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
     policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
         "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
