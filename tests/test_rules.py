@@ -575,6 +575,82 @@ def test_ipv6_client_and_target_addresses_of_elb_logs_are_masked_without_their_p
     assert b"AWS_IPV6_0001:50718 " in masked and b"::1:8080" in masked and b"fe80::" in masked
 
 
+_STATEMENTS = "".join(
+    "                {\n"
+    "                    Action    = \"sts:AssumeRole\"\n"
+    "                    Effect    = \"Allow\"\n"
+    f"                    Principal = {{ Service = \"svc{i}.amazonaws.com\" }}\n"
+    "                },\n" for i in range(12))  # a trust policy long enough to put `id` 1 KiB past the header
+_TERRAFORM = f"""\
+  # aws_iam_role.deploy will be updated in-place
+  ~ resource "aws_iam_role" "deploy" {{
+        id                    = "deploy-bot"
+        name                  = "deploy-bot"
+      ~ max_session_duration  = 3600 -> 7200
+        tags                  = {{}}
+        # (8 unchanged attributes hidden)
+    }}
+
+  # aws_s3_bucket.logs must be replaced
+-/+ resource "aws_s3_bucket" "logs" {{
+      ~ bucket                      = "acme-logs-prod" -> "acme-logs-prod-eu" # forces replacement
+      ~ id                          = "acme-logs-prod" -> (known after apply)
+    }}
+
+ <= data "aws_region" "current" {{
+      + id   = (known after apply)
+      + name = "us-east-1"
+    }}
+
+# aws_iam_role.ci:
+resource "aws_iam_role" "ci" {{
+    arn                   = "arn:aws:iam::111122223333:role/ci-runner"
+    assume_role_policy    = jsonencode(
+        {{
+            Statement = [
+{_STATEMENTS}            ]
+            Version   = "2012-10-17"
+        }}
+    )
+    id                    = "ci-runner"
+    max_session_duration  = 3600
+    name                  = "ci-runner"
+
+    inline_policy {{
+        name   = "inline-not-a-role"
+        policy = jsonencode({{}})
+    }}
+}}
+
+# aws_dynamodb_table.orders:
+resource "aws_dynamodb_table" "orders" {{
+    hash_key     = "pk"
+    id           = "orders-table-prod"
+    name         = "orders-table-prod"
+
+    attribute {{
+        name = "pk"
+        type = "S"
+    }}
+}}
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_in_terraform_plan_and_state_attribute_lists_are_masked(engine: str) -> None:
+    data = _TERRAFORM.encode()
+    header = data.index(b'resource "aws_iam_role" "ci"')
+    assert data.index(b'id                    = "ci-runner"') - header > 1024
+    hits = full_scanner(engine).scan(data)
+    found = [(data[h.start:h.end].decode(), h.kind) for h in hits]
+    for value, kind in [("deploy-bot", "IAM_ROLE"), ("acme-logs-prod", "S3_BUCKET"),
+                        ("acme-logs-prod-eu", "S3_BUCKET"), ("ci-runner", "IAM_ROLE"),
+                        ("orders-table-prod", "DYNAMODB_TABLE")]:
+        assert found.count((value, kind)) >= _TERRAFORM.count(f'"{value}"'), value
+    values = {value for value, _ in found}
+    assert not values & {"us-east-1", "pk", "inline-not-a-role", "deploy", "logs", "ci", "orders"}
+
+
 def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
     policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
         "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
