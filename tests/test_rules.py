@@ -651,6 +651,23 @@ def test_names_in_terraform_plan_and_state_attribute_lists_are_masked(engine: st
     assert not values & {"us-east-1", "pk", "inline-not-a-role", "deploy", "logs", "ci", "orders"}
 
 
+_FLOW_LOGS = """\
+version vpc-id subnet-id instance-id interface-id account-id type srcaddr dstaddr srcport dstport action
+5 vpc-0a1b2c3d4e5f67890 subnet-0a1b2c3d4e5f67890 i-0123456789abcdef0 eni-0123456789abcdef0 111122223333 IPv4 \
+10.0.1.5 10.0.2.7 443 49152 ACCEPT
+3 eni-1a2b3c4d 444455556666 10.0.1.5 10.0.2.8 443 49152 6 REJECT OK
+vpc-0a1b2c3d4e5f67890 777788889999 eni-0123456789abcdef0 - - - - - - - 1431280876 1431280934 - NODATA
+eni-0123456789abcdef0 sent 123456789012 bytes
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_account_ids_in_custom_flow_log_formats_are_masked(engine: str) -> None:
+    found = {v.decode() for v in full_scanner(engine).scan_values(_FLOW_LOGS.encode())}
+    assert {"111122223333", "444455556666", "777788889999"} <= found
+    assert "123456789012" not in found
+
+
 def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
     policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
         "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
