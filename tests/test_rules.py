@@ -491,6 +491,194 @@ def test_a_following_rule_counts_only_right_after_the_rules_it_follows(tmp_path:
     assert Scanner(with_followed(rules[1], rules), engine).scan_values(b"w-1111,2222") == [b"w-1111", b"2222"]
 
 
+_DESCRIBE_TEXT = "\n".join([  # aws ec2 describe-vpcs / -security-groups / -images / -snapshots --output text
+    "VPCS\t10.0.0.0/16\tdopt-0a1b2c3d\tdefault\tFalse\t111122223333\tavailable\tvpc-0a1b2c3d4e5f67890",
+    "CIDRBLOCKASSOCIATIONSET\tvpc-cidr-assoc-0a1b2c3d\t10.0.0.0/16",
+    "SECURITYGROUPS\tdefault VPC security group\tsg-0123456789abcdef0\tdefault\t111122223333\t"
+    "vpc-0a1b2c3d4e5f67890",
+    "IPPERMISSIONS\t-1",
+    "USERIDGROUPPAIRS\tsg-0123456789abcdef0\t444455556666",
+    "IMAGES\tx86_64\t2024-01-01T00:00:00.000Z\tTrue\txen\tami-0123456789abcdef0\tbase/v3\tmachine\tv3\t"
+    "777788889999\tLinux/UNIX\tFalse\t/dev/xvda\tebs\tsimple\tavailable\thvm",
+    "SNAPSHOTS\tCreated by CreateImage\tFalse\t222233334444\t100%\tsnap-0123456789abcdef0\t"
+    "2024-01-01T00:00:00.000Z\tcompleted\tvol-0123456789abcdef0\t8",
+    "TRANSITGATEWAYATTACHMENTS\t2024-01-01T00:00:00.000Z\tvpc-0a1b2c3d4e5f67890\t555566667777\tvpc\tavailable\t"
+    "tgw-attach-0a1b2c3d4e5f67890\ttgw-0a1b2c3d4e5f67890\t888899990000",
+    # aws s3api list-objects-v2 / aws dynamodb describe-table --output text: 12-digit sizes, not accounts
+    "CONTENTS\t\"d41d8cd98f00b204e9800998ecf8427e\"\tlake/part-0001.parquet\t2024-01-01T00:00:00.000Z\t"
+    "123456789012\tSTANDARD",
+    "TABLE\t2024-01-01T00:00:00.000000+00:00\tFalse\t987654321\torders\t210987654321\tACTIVE",
+])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cli_text_rows_mask_their_owner_columns_and_keep_sizes(engine: str) -> None:
+    found = {text.decode() for text in full_scanner(engine).scan_values(_DESCRIBE_TEXT.encode())}
+    assert {"111122223333", "444455556666", "777788889999", "222233334444", "555566667777",
+            "888899990000"} <= found
+    assert not found & {"123456789012", "210987654321", "987654321"}
+
+
+_KMS_TEXT = "\n".join([  # aws kms list-aliases / list-keys --output text, and a --query of both columns
+    "ALIASES\tarn:aws:kms:us-east-1:111122223333:alias/aws/ebs\talias/aws/ebs\t2024-01-01T00:00:00.000000+00:00\t"
+    "2024-01-01T00:00:00.000000+00:00\t0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e",
+    "ALIASES\tarn:aws:kms:us-east-1:111122223333:alias/orders-prod\talias/orders-prod\t"
+    "2024-01-01T00:00:00.000000+00:00\t2024-01-01T00:00:00.000000+00:00\t1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d",
+    "KEYS\tarn:aws:kms:us-east-1:111122223333:key/2b3c4d5e-6f7a-8b9c-0d1e-2f3a4b5c6d7e\t"
+    "2b3c4d5e-6f7a-8b9c-0d1e-2f3a4b5c6d7e",
+    "alias/billing/pii\t3c4d5e6f-7a8b-9c0d-1e2f-3a4b5c6d7e8f",
+    "alias/payments-signing\talias/aws/s3",
+])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kms_keys_and_aliases_in_cli_text_rows_are_masked(engine: str) -> None:
+    data = _KMS_TEXT.encode()
+    hits = full_scanner(engine).scan(data)
+    values = {data[h.start:h.end].decode(): h.kind for h in hits}
+    for key in ("0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e", "1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d",
+                "2b3c4d5e-6f7a-8b9c-0d1e-2f3a4b5c6d7e", "3c4d5e6f-7a8b-9c0d-1e2f-3a4b5c6d7e8f"):
+        assert values.get(key) == "KMS_KEY", key
+    covered = bytearray(len(data))
+    for h in hits:
+        covered[h.start:h.end] = b"\x01" * (h.end - h.start)
+    for alias in (b"orders-prod", b"billing/pii", b"payments-signing"):  # every occurrence
+        at = [m.start() for m in re.finditer(re.escape(alias), data)]
+        assert at and all(all(covered[i:i + len(alias)]) for i in at), alias
+    masked = {data[h.start:h.end] for h in hits}
+    assert not masked & {b"aws/ebs", b"aws/s3", b"ebs", b"s3"}
+
+
+_ELB_LOG = "\n".join([  # ALB, Classic and NLB access log lines of IPv6 clients and targets (address:port)
+    'h2 2026-09-10T23:55:00.361692Z app/web-alb/50dc6c495c0c9188 '
+    '2001:db8:4538:1:bcf4:5264:e01c:f215:50718 10.0.0.12:80 0.000 0.003 0.000 401 401 29 805 "GET '
+    'https://api.example.com:443/v1 HTTP/2.0" "okhttp/4.11" ECDHE-RSA-AES128-GCM-SHA256 TLSv1.2 - '
+    '"Root=1-64fe5754-33ecd7461b3736944677bb97" "api.example.com" "session-reused" 11 '
+    '2026-09-10T23:55:00.358000Z "forward" "-" "-" "10.0.0.12:80" "401" "-" "-"',
+    'https 2026-09-10T23:55:01.000000Z app/web-alb/50dc6c495c0c9188 2001:db8:85a3::8a2e:51744 '
+    '2001:db8:c0de:7c01:63c:b510:129f:89f1:8080 0.001 0.010 0.000 200 200 120 512 "GET / HTTP/1.1" '
+    '"curl/8" - - - "Root=1-64fe5754-33ecd7461b3736944677bb98" "-" "-" 0 '
+    '2026-09-10T23:55:00.990000Z "forward" "-" "-" "2001:db8:c0de:7c01:63c:b510:129f:89f1:8080" '
+    '"200" "-" "-"',
+    '2026-09-10T23:55:02.000000Z classic-elb 2001:db8:abcd:12::5:443 10.0.1.7:80 0.000052 0.006129 '
+    '0.000037 200 200 0 0 "GET https://www.example.com/ HTTP/1.1" "Mozilla/5.0" '
+    'ECDHE-RSA-AES128-SHA256 TLSv1.2',
+    'tls 2.0 2026-09-10T07:46:43 net/my-nlb/50dc6c495c0c9188 0123456789abcdef '
+    '2001:db8:1d0c:29b7:c9b2:7b5a:e7d0:2380:55932 2001:db8:138:7c01:63c:b510:129f:89f2:443 35040 '
+    '48 2150 1726 - - - TLS_AES_128_GCM_SHA256 tlsv13',
+    'proxy on ::1:8080, peer fe80::1ff:fe23:4567:890a:51000',
+])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ipv6_client_and_target_addresses_of_elb_logs_are_masked_without_their_ports(engine: str) -> None:
+    data = _ELB_LOG.encode()
+    hits = full_scanner(engine).scan(data)
+    found = [data[h.start:h.end].decode() for h in hits if h.kind == "IPV6"]
+    assert found == [
+        "2001:db8:4538:1:bcf4:5264:e01c:f215", "2001:db8:85a3::8a2e", "2001:db8:c0de:7c01:63c:b510:129f:89f1",
+        "2001:db8:c0de:7c01:63c:b510:129f:89f1",
+        "2001:db8:abcd:12::5:443",  # ambiguous: itself an address, masked whole (the port with it)
+        "2001:db8:1d0c:29b7:c9b2:7b5a:e7d0:2380", "2001:db8:138:7c01:63c:b510:129f:89f2"]
+    masked = bytearray(data)
+    for h in reversed(hits):
+        masked[h.start:h.end] = b"AWS_%s_0001" % h.kind.encode()
+    assert b"AWS_IPV6_0001:50718 " in masked and b"::1:8080" in masked and b"fe80::" in masked
+
+
+_STATEMENTS = "".join(
+    "                {\n"
+    "                    Action    = \"sts:AssumeRole\"\n"
+    "                    Effect    = \"Allow\"\n"
+    f"                    Principal = {{ Service = \"svc{i}.amazonaws.com\" }}\n"
+    "                },\n" for i in range(12))  # a trust policy long enough to put `id` 1 KiB past the header
+_TERRAFORM = f"""\
+  # aws_iam_role.deploy will be updated in-place
+  ~ resource "aws_iam_role" "deploy" {{
+        id                    = "deploy-bot"
+        name                  = "deploy-bot"
+      ~ max_session_duration  = 3600 -> 7200
+        tags                  = {{}}
+        # (8 unchanged attributes hidden)
+    }}
+
+  # aws_s3_bucket.logs must be replaced
+-/+ resource "aws_s3_bucket" "logs" {{
+      ~ bucket                      = "acme-logs-prod" -> "acme-logs-prod-eu" # forces replacement
+      ~ id                          = "acme-logs-prod" -> (known after apply)
+    }}
+
+ <= data "aws_region" "current" {{
+      + id   = (known after apply)
+      + name = "us-east-1"
+    }}
+
+# aws_iam_role.ci:
+resource "aws_iam_role" "ci" {{
+    arn                   = "arn:aws:iam::111122223333:role/ci-runner"
+    assume_role_policy    = jsonencode(
+        {{
+            Statement = [
+{_STATEMENTS}            ]
+            Version   = "2012-10-17"
+        }}
+    )
+    id                    = "ci-runner"
+    max_session_duration  = 3600
+    name                  = "ci-runner"
+
+    inline_policy {{
+        name   = "inline-not-a-role"
+        policy = jsonencode({{}})
+    }}
+}}
+
+# aws_dynamodb_table.orders:
+resource "aws_dynamodb_table" "orders" {{
+    hash_key     = "pk"
+    id           = "orders-table-prod"
+    name         = "orders-table-prod"
+
+    attribute {{
+        name = "pk"
+        type = "S"
+    }}
+}}
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_in_terraform_plan_and_state_attribute_lists_are_masked(engine: str) -> None:
+    data = _TERRAFORM.encode()
+    header = data.index(b'resource "aws_iam_role" "ci"')
+    assert data.index(b'id                    = "ci-runner"') - header > 1024
+    hits = full_scanner(engine).scan(data)
+    found = [(data[h.start:h.end].decode(), h.kind) for h in hits]
+    for value, kind in [("deploy-bot", "IAM_ROLE"), ("acme-logs-prod", "S3_BUCKET"),
+                        ("acme-logs-prod-eu", "S3_BUCKET"), ("ci-runner", "IAM_ROLE"),
+                        ("orders-table-prod", "DYNAMODB_TABLE")]:
+        assert found.count((value, kind)) >= _TERRAFORM.count(f'"{value}"'), value
+    values = {value for value, _ in found}
+    assert not values & {"us-east-1", "pk", "inline-not-a-role", "deploy", "logs", "ci", "orders"}
+
+
+_FLOW_LOGS = """\
+version vpc-id subnet-id instance-id interface-id account-id type srcaddr dstaddr srcport dstport action
+5 vpc-0a1b2c3d4e5f67890 subnet-0a1b2c3d4e5f67890 i-0123456789abcdef0 eni-0123456789abcdef0 111122223333 IPv4 \
+10.0.1.5 10.0.2.7 443 49152 ACCEPT
+3 eni-1a2b3c4d 444455556666 10.0.1.5 10.0.2.8 443 49152 6 REJECT OK
+vpc-0a1b2c3d4e5f67890 777788889999 eni-0123456789abcdef0 - - - - - - - 1431280876 1431280934 - NODATA
+eni-0123456789abcdef0 sent 123456789012 bytes
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_account_ids_in_custom_flow_log_formats_are_masked(engine: str) -> None:
+    found = {v.decode() for v in full_scanner(engine).scan_values(_FLOW_LOGS.encode())}
+    assert {"111122223333", "444455556666", "777788889999"} <= found
+    assert "123456789012" not in found
+
+
 def test_principal_lists_mixing_arns_and_account_ids_leak_no_account() -> None:
     policy = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": [
         "arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::777788889999:role/ops/Admin",
