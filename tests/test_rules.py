@@ -521,3 +521,77 @@ def test_a_match_longer_than_the_window_is_found_beside_a_short_one() -> None:
     hits = full_scanner("hyperscan").scan(text)
     assert hits == full_scanner("python").scan(text)
     assert [text[h.start:h.end] for h in hits] == [b"x" * 1500, b"bucket-name"]
+
+
+# --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------
+
+def _leaks(text: str, secrets: list[str], engine: str) -> list[str]:
+    """The values of ``secrets`` that some occurrence of in ``text`` is not entirely covered by hits."""
+    data = text.encode("utf-8")
+    hits = full_scanner(engine).scan(data)
+    covered = bytearray(len(data))
+    for h in hits:
+        covered[h.start:h.end] = b"\x01" * (h.end - h.start)
+    return [v for v in secrets
+            if v.encode() not in data
+            or any(not all(covered[m.start():m.end()]) for m in re.finditer(re.escape(v.encode()), data))]
+
+
+def _kept(text: str, keep: list[str], engine: str) -> list[str]:
+    """The strings of ``keep`` that no longer stand in ``text`` once its hits are replaced."""
+    data = bytearray(text.encode("utf-8"))
+    for h in reversed(full_scanner(engine).scan(bytes(data))):
+        data[h.start:h.end] = b"AWS_%s_0001" % h.kind.encode()
+    return [k for k in keep if k.encode() not in data]
+
+
+SIGNED_URLS_AND_TOKENS = "".join((
+    "$ aws s3 presign s3://amzn-s3-demo-bucket/report.pdf   # an old SDK still signing with Sig"
+    "V2\n",
+    "https://amzn-s3-demo-bucket.s3.amazonaws.com/report.pdf?AWSAccessKeyId=AKIAIOSFODNN7EXAMPL"
+    "E&Expires=1732636800&Signature=vjbyPxybdZaNmGa%2ByT272YEAiv4%3D\n",
+    "> Authorization: AWS AKIAIOSFODNN7EXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg=\n",
+    "https://d111111abcdef8.cloudfront.net/intro.mp4?Expires=1732636800&Signature=nitfHRCrtziwO"
+    "2HwPfWw~yYDhUF5EwRunQA-j19DzZrvDh6hQ73lDx~-ar3UocvvRQVw6EkC~GdpGQyyOSKQim-TxAnW7d8F5Kkai9H"
+    "Vx0FIu-5jcQb0UEmatEXAMPLE3ReXySpLSMj0yCd3ZAB4UcBCAqEijkytL6f3fVYNGQI6&Key-Pair-Id=K2JCJMDE"
+    "HXQW5F\n",
+    "Set-Cookie: CloudFront-Policy=eyJTdGF0ZW1lbnQiOlt7IlJlc291cmNlIjoiaHR0cHM6Ly9kMTExMTExYWJj"
+    "ZGVmOC5jbG91ZGZyb250Lm5ldC8qIn1dfQ__; Path=/; Secure\n",
+    "Set-Cookie: CloudFront-Signature=dGhpc2lzYW5leGFtcGxlc2lnbmF0dXJlZm9yY2xvdWRmcm9udGNvb2tpZ"
+    "XNvbmx5~ZXhhbXBsZQ__; Path=/\n",
+    "Set-Cookie: CloudFront-Key-Pair-Id=K2JCJMDEHXQW5F; Path=/\n",
+    "$ aws eks get-token --cluster-name demo\n",
+    '{"kind": "ExecCredential", "apiVersion": "client.authentication.k8s.io/v1beta1", "spec": {'
+    '}, "status": {"expirationTimestamp": "2026-11-26T16:14:00Z", "token": "k8s-aws-v1.aHR0cHM6'
+    "Ly9zdHMuZXUtd2VzdC0xLmFtYXpvbmF3cy5jb20vP0FjdGlvbj1HZXRDYWxsZXJJZGVudGl0eSZWZXJzaW9uPTIwMT"
+    'EtMDYtMTU"}}\n',
+    "$ aws ecr get-login-password --region us-east-1\n",
+    "eyJwYXlsb2FkIjoiWmFVWGVyeE9XMjVrU0dsaVRVcDhNakkwT1dObU4wUXhPREV6TlRsbE1qRXlORFpsT0RZd1pUaz"
+    "VNVFUzTnpobU1EZ3laVEEwWlRWbFpqQXpPVEUwTVRneE5EYz0iLCJ2ZXJzaW9uIjoiMiJ9\n",
+    "$ cat ~/.docker/config.json\n",
+    '{"auths": {"111122223333.dkr.ecr.us-east-1.amazonaws.com": {"auth": "QVdTOmV5SndZWGxzYjJGa'
+    "0lqb2lXbUZWV0dWeWVFOVhNalZyVTBkc2FWUlZjRGhOYWtrd1QxZE9iVTR3VVhoUFJFVjZUbFJzYkUxcVJYbE9SRnB"
+    'z"}}}\n',
+    "$ cat ~/.aws/sso/cache/6f1e2c3d4b5a69788796a5b4c3d2e1f0a9b8c7d6.json\n",
+    '{"startUrl": "https://d-9067c2a1b3.awsapps.com/start", "region": "us-east-1", "accessToken'
+    '": "aoaAAAAAGdExampleAccessTokenValue0123456789abcdefghijklmnop:MGUCMQDexample", "expiresA'
+    't": "2026-11-26T20:00:00Z", "clientId": "exampleClientId", "clientSecret": "eyJraWQiOiJrZX'
+    'ktMTU2NDAyODA5OSIsImFsZyI6IkhTMzg0In0.eyJzZXJpYWxpemVkIjoiZXhhbXBsZSJ9.exampleSignature", '
+    '"refreshToken": "aorAAAAAGdExampleRefreshToken0123456789abcdefghijkl"}\n',
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_signatures_and_short_lived_tokens_pasted_from_real_tools_are_masked(engine: str) -> None:
+    secrets = ["vjbyPxybdZaNmGa%2ByT272YEAiv4%3D", "frJIUN8DYpKDtOLCwo//yllqDzg=", "K2JCJMDEHXQW5F",
+               "nitfHRCrtziwO2HwPfWw~yYDhUF5EwRunQA-j19DzZrvDh6hQ73lDx~",
+               "eyJTdGF0ZW1lbnQiOlt7IlJlc291cmNlIjoiaHR0cHM6Ly9kMTExMTExYWJjZGVmOC5jbG91ZGZyb250Lm5ldC8qIn1dfQ__",
+               "dGhpc2lzYW5leGFtcGxlc2lnbmF0dXJlZm9yY2xvdWRmcm9udGNvb2tpZXNvbmx5~ZXhhbXBsZQ__",
+               "aHR0cHM6Ly9zdHMuZXUtd2VzdC0xLmFtYXpvbmF3cy5jb20vP0FjdGlvbj1HZXRDYWxsZXJJZGVudGl0eSZWZXJzaW9uPTIwMTEtMDYtMTU",
+               "eyJwYXlsb2FkIjoiWmFVWGVyeE9XMjVrU0dsaVRVcDhNakkwT1dObU4wUXhPREV6TlRsbE1qRXlORFpsT0RZd1pUazVNVFUzTnpobU1EZ3laVEEwWlRWbFpqQXpPVEUwTVRneE5EYz0iLCJ2ZXJzaW9uIjoiMiJ9",
+               "QVdTOmV5SndZWGxzYjJGa0lqb2lXbUZWV0dWeWVFOVhNalZyVTBkc2FWUlZjRGhOYWtrd1QxZE9iVTR3VVhoUFJFVjZUbFJzYkUxcVJYbE9SRnBz",
+               "aoaAAAAAGdExampleAccessTokenValue0123456789abcdefghijklmnop:MGUCMQDexample",
+               "aorAAAAAGdExampleRefreshToken0123456789abcdefghijkl", "eyJzZXJpYWxpemVkIjoiZXhhbXBsZSJ9"]
+    assert _leaks(SIGNED_URLS_AND_TOKENS, secrets, engine) == []
+    assert _kept(SIGNED_URLS_AND_TOKENS, ["Expires=1732636800", "k8s-aws-v1.", "Path=/; Secure",
+                                          '"expiresAt": "2026-11-26T20:00:00Z"'], engine) == []
