@@ -595,3 +595,37 @@ def test_signatures_and_short_lived_tokens_pasted_from_real_tools_are_masked(eng
     assert _leaks(SIGNED_URLS_AND_TOKENS, secrets, engine) == []
     assert _kept(SIGNED_URLS_AND_TOKENS, ["Expires=1732636800", "k8s-aws-v1.", "Path=/; Secure",
                                           '"expiresAt": "2026-11-26T20:00:00Z"'], engine) == []
+
+
+CLOUDFORMATION_DEPLOY = "\n".join((
+    "$ sam deploy",
+    "\tDeploying with following values",
+    "\t===============================",
+    "\tStack name                   : orders-service-prod",
+    "\tRegion                       : us-east-1",
+    "\tConfirm changeset            : True",
+    "Successfully created/updated stack - orders-service-prod in us-east-1",
+    "$ aws cloudformation describe-stacks --stack-name orders-service-prod",
+    '{"Stacks": [{"StackId": "arn:aws:cloudformation:us-east-1:111122223333:stack/orders-service-prod/'
+    '8b2f1a30-ab12-11ef-9c1d-0affd3c5e2b9", "StackName": "orders-service-prod",',
+    '  "Parameters": [{"ParameterKey": "Stage", "ParameterValue": "prod"}],',
+    '  "StackStatus": "UPDATE_COMPLETE",',
+    '  "Tags": [{"Key": "aws:cloudformation:stack-name", "Value": "orders-service-prod"}]}]}',
+    "$ cdk deploy",
+    "Stack ARN:",
+    "arn:aws:cloudformation:us-east-1:111122223333:stack/network-baseline/"
+    "1f2e3d4c-ab12-11ef-9c1d-0affd3c5e2b9",
+    "$ serverless deploy --stage prod",
+    "✔ Service deployed to stack orders-api-prod (112s)",
+    "  Value: !Sub '${AWS::StackName}-vpc'",
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cloudformation_stack_names_are_masked_in_arns_and_deploy_output(engine: str) -> None:
+    secrets = ["orders-service-prod", "network-baseline", "orders-api-prod", "111122223333",
+               "8b2f1a30-ab12-11ef-9c1d-0affd3c5e2b9"]
+    assert _leaks(CLOUDFORMATION_DEPLOY, secrets, engine) == []
+    assert _kept(CLOUDFORMATION_DEPLOY, ["UPDATE_COMPLETE", "${AWS::StackName}-vpc", "us-east-1",
+                                         '"Key": "aws:cloudformation:stack-name"'], engine) == []
