@@ -629,3 +629,48 @@ def test_cloudformation_stack_names_are_masked_in_arns_and_deploy_output(engine:
     assert _leaks(CLOUDFORMATION_DEPLOY, secrets, engine) == []
     assert _kept(CLOUDFORMATION_DEPLOY, ["UPDATE_COMPLETE", "${AWS::StackName}-vpc", "us-east-1",
                                          '"Key": "aws:cloudformation:stack-name"'], engine) == []
+
+
+CONFIGS_AND_MANIFESTS = "\n".join((
+    "$ cat ~/.aws/config",
+    "[profile prod-deploy]",
+    "role_arn = arn:aws:iam::777788889999:role/OrganizationAccountAccessRole",
+    "source_profile = dev-admin",
+    "role_session_name = jdoe-deploy",
+    "external_id = acme-ext-4f9a2c",
+    "$ kubectl -n kube-system get configmap aws-auth -o yaml",
+    "data:",
+    "  mapAccounts: |",
+    '    - "444455556666"',
+    '    - "555566667777"',
+    "kind: ConfigMap",
+    "$ aws ecs describe-task-definition --task-definition checkout-api:42",
+    '"environment": [',
+    '    {"name": "ASSETS_BUCKET", "value": "acme-checkout-assets"},',
+    '    {"name": "STAGE", "value": "prod"}',
+    "],",
+    "$ aws lambda get-function-configuration --function-name orders-sync",
+    '{"FunctionName": "orders-sync", "Runtime": "python3.12", "Handler": "app.handler"}',
+    "$ aws dynamodb describe-table --table-name orders-prod",
+    '{"Table": {"TableName": "orders-prod", "TableStatus": "ACTIVE"}}',
+    "terraform {",
+    '  backend "s3" {',
+    '    dynamodb_table = "acme-terraform-locks"',
+    "  }",
+    "}",
+    "$ aws sns subscribe ... # the alarm that fired",
+    '{"AlarmName": "orders-5xx-high", "Trigger": {"Dimensions": [{"value": "app/shop-alb/50dc6c495c0c9188",'
+    ' "name": "LoadBalancer"}, {"value": "targetgroup/shop-tg/73e2d6bc24d8a067", "name": "TargetGroup"}]}}',
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_in_configs_and_manifests_are_masked(engine: str) -> None:
+    secrets = ["jdoe-deploy", "acme-ext-4f9a2c", "444455556666", "555566667777", "acme-checkout-assets",
+               "orders-sync", "orders-prod", "acme-terraform-locks", "shop-alb/50dc6c495c0c9188",
+               "shop-tg/73e2d6bc24d8a067"]
+    assert _leaks(CONFIGS_AND_MANIFESTS, secrets, engine) == []
+    assert _kept(CONFIGS_AND_MANIFESTS, ["source_profile = dev-admin", '"value": "prod"', "python3.12",
+                                         "app.handler", '"TableStatus": "ACTIVE"', "LoadBalancer"],
+                 engine) == []
