@@ -674,3 +674,41 @@ def test_names_in_configs_and_manifests_are_masked(engine: str) -> None:
     assert _kept(CONFIGS_AND_MANIFESTS, ["source_profile = dev-admin", '"value": "prod"', "python3.12",
                                          "app.handler", '"TableStatus": "ACTIVE"', "LoadBalancer"],
                  engine) == []
+
+
+ERROR_MESSAGES = "\n".join((
+    "Traceback (most recent call last):",
+    '  File "sync.py", line 42, in <module>',
+    "botocore.errorfactory.NoSuchEntityException: An error occurred (NoSuchEntity) when calling the GetRole"
+    " operation: The role with name payments-lambda-exec cannot be found.",
+    "botocore.errorfactory.ResourceNotFoundException: An error occurred (ResourceNotFoundException) when"
+    " calling the DescribeTable operation: Requested resource not found: Table: orders-prod not found",
+    "An error occurred (ValidationError) when calling the DescribeStacks operation: Stack with id"
+    " orders-service-prod does not exist",
+    "An error occurred (RepositoryNotFoundException) when calling the DescribeImages operation: The"
+    " repository with name 'payments/checkout-api' does not exist in the registry with id '111122223333'",
+    "$ terraform apply",
+    "│ Error: creating IAM Role (orders-lambda-exec): operation error IAM: CreateRole, https response error"
+    " StatusCode: 409, RequestID: 2f4e6d8c-1a3b-5c7d-9e0f-a1b2c3d4e5f6, EntityAlreadyExists: Role with name"
+    " orders-lambda-exec already exists.",
+    "│ Error: reading S3 Bucket (acme-logs-missing): operation error S3: HeadBucket, https response error"
+    " StatusCode: 404",
+    "│ Error: creating DynamoDB Table (orders-ledger-prod): ResourceInUseException: Table already exists:"
+    " orders-ledger-prod",
+    "│ Error: creating EKS Cluster (payments-prod): ResourceInUseException: Cluster already exists with"
+    " name: payments-prod",
+    "│ Error: waiting for EC2 Instance (i-0123456789abcdef0) create: timeout while waiting for state",
+    "│   with aws_iam_role.lambda,",
+    '│   on main.tf line 12, in resource "aws_iam_role" "lambda":',
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_in_aws_and_terraform_error_messages_are_masked(engine: str) -> None:
+    secrets = ["payments-lambda-exec", "orders-prod", "orders-service-prod", "payments/checkout-api",
+               "111122223333", "orders-lambda-exec", "acme-logs-missing", "orders-ledger-prod",
+               "payments-prod", "i-0123456789abcdef0"]
+    assert _leaks(ERROR_MESSAGES, secrets, engine) == []
+    assert _kept(ERROR_MESSAGES, ["GetRole operation", "StatusCode: 409", "aws_iam_role.lambda",
+                                  "main.tf line 12", "EC2 Instance ("], engine) == []
