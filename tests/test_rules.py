@@ -712,3 +712,47 @@ def test_names_in_aws_and_terraform_error_messages_are_masked(engine: str) -> No
     assert _leaks(ERROR_MESSAGES, secrets, engine) == []
     assert _kept(ERROR_MESSAGES, ["GetRole operation", "StatusCode: 409", "aws_iam_role.lambda",
                                   "main.tf line 12", "EC2 Instance ("], engine) == []
+
+
+CLI_OUTPUT_WITHOUT_ARNS = "\n".join((
+    "$ aws s3api list-buckets",
+    "{",
+    '    "Buckets": [',
+    "        {",
+    '            "Name": "acme-logs-archive",',
+    '            "CreationDate": "2024-01-01T00:00:00+00:00"',
+    "        }",
+    "    ],",
+    '    "Owner": {"DisplayName": "ops",',
+    '              "ID": "79a59df900b949e55d96a1e698fbacedfd6e09d98eacf8f8d5218e7cd47ef2be"}',
+    "}",
+    "$ aws s3api list-buckets --output text",
+    "BUCKETS\t2024-02-01T00:00:00+00:00\tacme-web-prod",
+    "OWNER\tops\t0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+    "$ aws ssm get-parameter --name /acme/prod/db/password --with-decryption",
+    '{"Parameter": {"Name": "/acme/prod/db/password", "Type": "SecureString", "Value": "s3cr3t-Pa55w0rd!",',
+    '  "Version": 3}}',
+    "$ aws secretsmanager get-secret-value --secret-id prod/orders/db",
+    '{"Name": "prod/orders/db", "SecretString": "{\\"username\\":\\"orders_admin\\",\\"password\\":'
+    '\\"EXAMPLE-PASSWORD\\"}", "VersionStages": ["AWSCURRENT"]}',
+    "$ aws ssm start-session --target i-0123456789abcdef0",
+    "Starting session with SessionId: jane.doe@example.com-0a1b2c3d4e5f67890",
+    "$ aws identitystore list-users --identity-store-id d-9067c2a1b3",
+    '{"Users": [{"UserName": "jane", "IdentityStoreId": "d-9067c2a1b3"}]}',
+    "$ aws rds describe-db-instances",
+    '{"DBInstances": [{"DBInstanceIdentifier": "orders-db-primary", "DBInstanceClass": "db.r6g.large"}]}',
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_and_secrets_in_cli_output_without_arns_are_masked(engine: str) -> None:
+    secrets = ["acme-logs-archive", "acme-web-prod",
+               "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+               "79a59df900b949e55d96a1e698fbacedfd6e09d98eacf8f8d5218e7cd47ef2be", "s3cr3t-Pa55w0rd!",
+               "EXAMPLE-PASSWORD", "orders_admin", "jane.doe@example.com", "d-9067c2a1b3",
+               "orders-db-primary", "i-0123456789abcdef0"]
+    assert _leaks(CLI_OUTPUT_WITHOUT_ARNS, secrets, engine) == []
+    keep = ['"Type": "SecureString"', '"VersionStages": ["AWSCURRENT"]', "db.r6g.large",
+            '"DisplayName": "ops"', "2024-01-01T00:00:00+00:00"]
+    assert _kept(CLI_OUTPUT_WITHOUT_ARNS, keep, engine) == []
