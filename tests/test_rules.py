@@ -720,3 +720,238 @@ def test_a_match_longer_than_the_window_is_found_beside_a_short_one() -> None:
     hits = full_scanner("hyperscan").scan(text)
     assert hits == full_scanner("python").scan(text)
     assert [text[h.start:h.end] for h in hits] == [b"x" * 1500, b"bucket-name"]
+
+
+# --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------
+
+def _leaks(text: str, secrets: list[str], engine: str) -> list[str]:
+    """The values of ``secrets`` that some occurrence of in ``text`` is not entirely covered by hits."""
+    data = text.encode("utf-8")
+    hits = full_scanner(engine).scan(data)
+    covered = bytearray(len(data))
+    for h in hits:
+        covered[h.start:h.end] = b"\x01" * (h.end - h.start)
+    return [v for v in secrets
+            if v.encode() not in data
+            or any(not all(covered[m.start():m.end()]) for m in re.finditer(re.escape(v.encode()), data))]
+
+
+def _kept(text: str, keep: list[str], engine: str) -> list[str]:
+    """The strings of ``keep`` that no longer stand in ``text`` once its hits are replaced."""
+    data = bytearray(text.encode("utf-8"))
+    for h in reversed(full_scanner(engine).scan(bytes(data))):
+        data[h.start:h.end] = b"AWS_%s_0001" % h.kind.encode()
+    return [k for k in keep if k.encode() not in data]
+
+
+SIGNED_URLS_AND_TOKENS = "".join((
+    "$ aws s3 presign s3://amzn-s3-demo-bucket/report.pdf   # an old SDK still signing with Sig"
+    "V2\n",
+    "https://amzn-s3-demo-bucket.s3.amazonaws.com/report.pdf?AWSAccessKeyId=AKIAIOSFODNN7EXAMPL"
+    "E&Expires=1732636800&Signature=vjbyPxybdZaNmGa%2ByT272YEAiv4%3D\n",
+    "> Authorization: AWS AKIAIOSFODNN7EXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg=\n",
+    "https://d111111abcdef8.cloudfront.net/intro.mp4?Expires=1732636800&Signature=nitfHRCrtziwO"
+    "2HwPfWw~yYDhUF5EwRunQA-j19DzZrvDh6hQ73lDx~-ar3UocvvRQVw6EkC~GdpGQyyOSKQim-TxAnW7d8F5Kkai9H"
+    "Vx0FIu-5jcQb0UEmatEXAMPLE3ReXySpLSMj0yCd3ZAB4UcBCAqEijkytL6f3fVYNGQI6&Key-Pair-Id=K2JCJMDE"
+    "HXQW5F\n",
+    "Set-Cookie: CloudFront-Policy=eyJTdGF0ZW1lbnQiOlt7IlJlc291cmNlIjoiaHR0cHM6Ly9kMTExMTExYWJj"
+    "ZGVmOC5jbG91ZGZyb250Lm5ldC8qIn1dfQ__; Path=/; Secure\n",
+    "Set-Cookie: CloudFront-Signature=dGhpc2lzYW5leGFtcGxlc2lnbmF0dXJlZm9yY2xvdWRmcm9udGNvb2tpZ"
+    "XNvbmx5~ZXhhbXBsZQ__; Path=/\n",
+    "Set-Cookie: CloudFront-Key-Pair-Id=K2JCJMDEHXQW5F; Path=/\n",
+    "$ aws eks get-token --cluster-name demo\n",
+    '{"kind": "ExecCredential", "apiVersion": "client.authentication.k8s.io/v1beta1", "spec": {'
+    '}, "status": {"expirationTimestamp": "2026-11-26T16:14:00Z", "token": "k8s-aws-v1.aHR0cHM6'
+    "Ly9zdHMuZXUtd2VzdC0xLmFtYXpvbmF3cy5jb20vP0FjdGlvbj1HZXRDYWxsZXJJZGVudGl0eSZWZXJzaW9uPTIwMT"
+    'EtMDYtMTU"}}\n',
+    "$ aws ecr get-login-password --region us-east-1\n",
+    "eyJwYXlsb2FkIjoiWmFVWGVyeE9XMjVrU0dsaVRVcDhNakkwT1dObU4wUXhPREV6TlRsbE1qRXlORFpsT0RZd1pUaz"
+    "VNVFUzTnpobU1EZ3laVEEwWlRWbFpqQXpPVEUwTVRneE5EYz0iLCJ2ZXJzaW9uIjoiMiJ9\n",
+    "$ cat ~/.docker/config.json\n",
+    '{"auths": {"111122223333.dkr.ecr.us-east-1.amazonaws.com": {"auth": "QVdTOmV5SndZWGxzYjJGa'
+    "0lqb2lXbUZWV0dWeWVFOVhNalZyVTBkc2FWUlZjRGhOYWtrd1QxZE9iVTR3VVhoUFJFVjZUbFJzYkUxcVJYbE9SRnB"
+    'z"}}}\n',
+    "$ cat ~/.aws/sso/cache/6f1e2c3d4b5a69788796a5b4c3d2e1f0a9b8c7d6.json\n",
+    '{"startUrl": "https://d-9067c2a1b3.awsapps.com/start", "region": "us-east-1", "accessToken'
+    '": "aoaAAAAAGdExampleAccessTokenValue0123456789abcdefghijklmnop:MGUCMQDexample", "expiresA'
+    't": "2026-11-26T20:00:00Z", "clientId": "exampleClientId", "clientSecret": "eyJraWQiOiJrZX'
+    'ktMTU2NDAyODA5OSIsImFsZyI6IkhTMzg0In0.eyJzZXJpYWxpemVkIjoiZXhhbXBsZSJ9.exampleSignature", '
+    '"refreshToken": "aorAAAAAGdExampleRefreshToken0123456789abcdefghijkl"}\n',
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_signatures_and_short_lived_tokens_pasted_from_real_tools_are_masked(engine: str) -> None:
+    secrets = ["vjbyPxybdZaNmGa%2ByT272YEAiv4%3D", "frJIUN8DYpKDtOLCwo//yllqDzg=", "K2JCJMDEHXQW5F",
+               "nitfHRCrtziwO2HwPfWw~yYDhUF5EwRunQA-j19DzZrvDh6hQ73lDx~",
+               "eyJTdGF0ZW1lbnQiOlt7IlJlc291cmNlIjoiaHR0cHM6Ly9kMTExMTExYWJjZGVmOC5jbG91ZGZyb250Lm5ldC8qIn1dfQ__",
+               "dGhpc2lzYW5leGFtcGxlc2lnbmF0dXJlZm9yY2xvdWRmcm9udGNvb2tpZXNvbmx5~ZXhhbXBsZQ__",
+               "aHR0cHM6Ly9zdHMuZXUtd2VzdC0xLmFtYXpvbmF3cy5jb20vP0FjdGlvbj1HZXRDYWxsZXJJZGVudGl0eSZWZXJzaW9uPTIwMTEtMDYtMTU",
+               "eyJwYXlsb2FkIjoiWmFVWGVyeE9XMjVrU0dsaVRVcDhNakkwT1dObU4wUXhPREV6TlRsbE1qRXlORFpsT0RZd1pUazVNVFUzTnpobU1EZ3laVEEwWlRWbFpqQXpPVEUwTVRneE5EYz0iLCJ2ZXJzaW9uIjoiMiJ9",
+               "QVdTOmV5SndZWGxzYjJGa0lqb2lXbUZWV0dWeWVFOVhNalZyVTBkc2FWUlZjRGhOYWtrd1QxZE9iVTR3VVhoUFJFVjZUbFJzYkUxcVJYbE9SRnBz",
+               "aoaAAAAAGdExampleAccessTokenValue0123456789abcdefghijklmnop:MGUCMQDexample",
+               "aorAAAAAGdExampleRefreshToken0123456789abcdefghijkl", "eyJzZXJpYWxpemVkIjoiZXhhbXBsZSJ9"]
+    assert _leaks(SIGNED_URLS_AND_TOKENS, secrets, engine) == []
+    assert _kept(SIGNED_URLS_AND_TOKENS, ["Expires=1732636800", "k8s-aws-v1.", "Path=/; Secure",
+                                          '"expiresAt": "2026-11-26T20:00:00Z"'], engine) == []
+
+
+CLOUDFORMATION_DEPLOY = "\n".join((
+    "$ sam deploy",
+    "\tDeploying with following values",
+    "\t===============================",
+    "\tStack name                   : orders-service-prod",
+    "\tRegion                       : us-east-1",
+    "\tConfirm changeset            : True",
+    "Successfully created/updated stack - orders-service-prod in us-east-1",
+    "$ aws cloudformation describe-stacks --stack-name orders-service-prod",
+    '{"Stacks": [{"StackId": "arn:aws:cloudformation:us-east-1:111122223333:stack/orders-service-prod/'
+    '8b2f1a30-ab12-11ef-9c1d-0affd3c5e2b9", "StackName": "orders-service-prod",',
+    '  "Parameters": [{"ParameterKey": "Stage", "ParameterValue": "prod"}],',
+    '  "StackStatus": "UPDATE_COMPLETE",',
+    '  "Tags": [{"Key": "aws:cloudformation:stack-name", "Value": "orders-service-prod"}]}]}',
+    "$ cdk deploy",
+    "Stack ARN:",
+    "arn:aws:cloudformation:us-east-1:111122223333:stack/network-baseline/"
+    "1f2e3d4c-ab12-11ef-9c1d-0affd3c5e2b9",
+    "$ serverless deploy --stage prod",
+    "✔ Service deployed to stack orders-api-prod (112s)",
+    "  Value: !Sub '${AWS::StackName}-vpc'",
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cloudformation_stack_names_are_masked_in_arns_and_deploy_output(engine: str) -> None:
+    secrets = ["orders-service-prod", "network-baseline", "orders-api-prod", "111122223333",
+               "8b2f1a30-ab12-11ef-9c1d-0affd3c5e2b9"]
+    assert _leaks(CLOUDFORMATION_DEPLOY, secrets, engine) == []
+    assert _kept(CLOUDFORMATION_DEPLOY, ["UPDATE_COMPLETE", "${AWS::StackName}-vpc", "us-east-1",
+                                         '"Key": "aws:cloudformation:stack-name"'], engine) == []
+
+
+CONFIGS_AND_MANIFESTS = "\n".join((
+    "$ cat ~/.aws/config",
+    "[profile prod-deploy]",
+    "role_arn = arn:aws:iam::777788889999:role/OrganizationAccountAccessRole",
+    "source_profile = dev-admin",
+    "role_session_name = jdoe-deploy",
+    "external_id = acme-ext-4f9a2c",
+    "$ kubectl -n kube-system get configmap aws-auth -o yaml",
+    "data:",
+    "  mapAccounts: |",
+    '    - "444455556666"',
+    '    - "555566667777"',
+    "kind: ConfigMap",
+    "$ aws ecs describe-task-definition --task-definition checkout-api:42",
+    '"environment": [',
+    '    {"name": "ASSETS_BUCKET", "value": "acme-checkout-assets"},',
+    '    {"name": "STAGE", "value": "prod"}',
+    "],",
+    "$ aws lambda get-function-configuration --function-name orders-sync",
+    '{"FunctionName": "orders-sync", "Runtime": "python3.12", "Handler": "app.handler"}',
+    "$ aws dynamodb describe-table --table-name orders-prod",
+    '{"Table": {"TableName": "orders-prod", "TableStatus": "ACTIVE"}}',
+    "terraform {",
+    '  backend "s3" {',
+    '    dynamodb_table = "acme-terraform-locks"',
+    "  }",
+    "}",
+    "$ aws sns subscribe ... # the alarm that fired",
+    '{"AlarmName": "orders-5xx-high", "Trigger": {"Dimensions": [{"value": "app/shop-alb/50dc6c495c0c9188",'
+    ' "name": "LoadBalancer"}, {"value": "targetgroup/shop-tg/73e2d6bc24d8a067", "name": "TargetGroup"}]}}',
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_in_configs_and_manifests_are_masked(engine: str) -> None:
+    secrets = ["jdoe-deploy", "acme-ext-4f9a2c", "444455556666", "555566667777", "acme-checkout-assets",
+               "orders-sync", "orders-prod", "acme-terraform-locks", "shop-alb/50dc6c495c0c9188",
+               "shop-tg/73e2d6bc24d8a067"]
+    assert _leaks(CONFIGS_AND_MANIFESTS, secrets, engine) == []
+    assert _kept(CONFIGS_AND_MANIFESTS, ["source_profile = dev-admin", '"value": "prod"', "python3.12",
+                                         "app.handler", '"TableStatus": "ACTIVE"', "LoadBalancer"],
+                 engine) == []
+
+
+ERROR_MESSAGES = "\n".join((
+    "Traceback (most recent call last):",
+    '  File "sync.py", line 42, in <module>',
+    "botocore.errorfactory.NoSuchEntityException: An error occurred (NoSuchEntity) when calling the GetRole"
+    " operation: The role with name payments-lambda-exec cannot be found.",
+    "botocore.errorfactory.ResourceNotFoundException: An error occurred (ResourceNotFoundException) when"
+    " calling the DescribeTable operation: Requested resource not found: Table: orders-prod not found",
+    "An error occurred (ValidationError) when calling the DescribeStacks operation: Stack with id"
+    " orders-service-prod does not exist",
+    "An error occurred (RepositoryNotFoundException) when calling the DescribeImages operation: The"
+    " repository with name 'payments/checkout-api' does not exist in the registry with id '111122223333'",
+    "$ terraform apply",
+    "│ Error: creating IAM Role (orders-lambda-exec): operation error IAM: CreateRole, https response error"
+    " StatusCode: 409, RequestID: 2f4e6d8c-1a3b-5c7d-9e0f-a1b2c3d4e5f6, EntityAlreadyExists: Role with name"
+    " orders-lambda-exec already exists.",
+    "│ Error: reading S3 Bucket (acme-logs-missing): operation error S3: HeadBucket, https response error"
+    " StatusCode: 404",
+    "│ Error: creating DynamoDB Table (orders-ledger-prod): ResourceInUseException: Table already exists:"
+    " orders-ledger-prod",
+    "│ Error: creating EKS Cluster (payments-prod): ResourceInUseException: Cluster already exists with"
+    " name: payments-prod",
+    "│ Error: waiting for EC2 Instance (i-0123456789abcdef0) create: timeout while waiting for state",
+    "│   with aws_iam_role.lambda,",
+    '│   on main.tf line 12, in resource "aws_iam_role" "lambda":',
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_in_aws_and_terraform_error_messages_are_masked(engine: str) -> None:
+    secrets = ["payments-lambda-exec", "orders-prod", "orders-service-prod", "payments/checkout-api",
+               "111122223333", "orders-lambda-exec", "acme-logs-missing", "orders-ledger-prod",
+               "payments-prod", "i-0123456789abcdef0"]
+    assert _leaks(ERROR_MESSAGES, secrets, engine) == []
+    assert _kept(ERROR_MESSAGES, ["GetRole operation", "StatusCode: 409", "aws_iam_role.lambda",
+                                  "main.tf line 12", "EC2 Instance ("], engine) == []
+
+
+CLI_OUTPUT_WITHOUT_ARNS = "\n".join((
+    "$ aws s3api list-buckets",
+    "{",
+    '    "Buckets": [',
+    "        {",
+    '            "Name": "acme-logs-archive",',
+    '            "CreationDate": "2024-01-01T00:00:00+00:00"',
+    "        }",
+    "    ],",
+    '    "Owner": {"DisplayName": "ops",',
+    '              "ID": "79a59df900b949e55d96a1e698fbacedfd6e09d98eacf8f8d5218e7cd47ef2be"}',
+    "}",
+    "$ aws s3api list-buckets --output text",
+    "BUCKETS\t2024-02-01T00:00:00+00:00\tacme-web-prod",
+    "OWNER\tops\t0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+    "$ aws ssm get-parameter --name /acme/prod/db/password --with-decryption",
+    '{"Parameter": {"Name": "/acme/prod/db/password", "Type": "SecureString", "Value": "s3cr3t-Pa55w0rd!",',
+    '  "Version": 3}}',
+    "$ aws secretsmanager get-secret-value --secret-id prod/orders/db",
+    '{"Name": "prod/orders/db", "SecretString": "{\\"username\\":\\"orders_admin\\",\\"password\\":'
+    '\\"EXAMPLE-PASSWORD\\"}", "VersionStages": ["AWSCURRENT"]}',
+    "$ aws ssm start-session --target i-0123456789abcdef0",
+    "Starting session with SessionId: jane.doe@example.com-0a1b2c3d4e5f67890",
+    "$ aws identitystore list-users --identity-store-id d-9067c2a1b3",
+    '{"Users": [{"UserName": "jane", "IdentityStoreId": "d-9067c2a1b3"}]}',
+    "$ aws rds describe-db-instances",
+    '{"DBInstances": [{"DBInstanceIdentifier": "orders-db-primary", "DBInstanceClass": "db.r6g.large"}]}',
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_and_secrets_in_cli_output_without_arns_are_masked(engine: str) -> None:
+    secrets = ["acme-logs-archive", "acme-web-prod",
+               "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+               "79a59df900b949e55d96a1e698fbacedfd6e09d98eacf8f8d5218e7cd47ef2be", "s3cr3t-Pa55w0rd!",
+               "EXAMPLE-PASSWORD", "orders_admin", "jane.doe@example.com", "d-9067c2a1b3",
+               "orders-db-primary", "i-0123456789abcdef0"]
+    assert _leaks(CLI_OUTPUT_WITHOUT_ARNS, secrets, engine) == []
+    keep = ['"Type": "SecureString"', '"VersionStages": ["AWSCURRENT"]', "db.r6g.large",
+            '"DisplayName": "ops"', "2024-01-01T00:00:00+00:00"]
+    assert _kept(CLI_OUTPUT_WITHOUT_ARNS, keep, engine) == []
