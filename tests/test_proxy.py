@@ -327,10 +327,16 @@ def test_a_placeholder_the_request_holds_as_text_is_never_minted_for_an_identifi
 def test_json_keys_that_would_collide_once_masked_are_refused_with_415(start_proxy, fake_upstream) -> None:
     proxy = start_proxy(**masker_options(fake_upstream, masker_json_keys="true"))
     with proxied_client(proxy) as c:
-        # the first instance ID this proxy masks gets AWS_EC2_INSTANCE_0001: the client wrote that as a key
+        # A new identifier never gets a placeholder the request holds as text: the key stays apart.
         doc = {"input": {"i-0a1b2c3d4e5f60718": "stop", "AWS_EC2_INSTANCE_0001": "start"}}
+        assert c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=doc).status_code == 200
+        sent = json.loads(fake_upstream.last_request.body)["input"]
+        assert sent == {"AWS_EC2_INSTANCE_0002": "stop", "AWS_EC2_INSTANCE_0001": "start"}
+        # One that already has it (minted by the request before) collides with the key the client wrote.
+        fake_upstream.clear()
+        doc = {"input": {"i-0a1b2c3d4e5f60718": "stop", "AWS_EC2_INSTANCE_0002": "start"}}
         r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=doc)
-        assert_blocked(r, 415, "AWS_EC2_INSTANCE_0001", fake_upstream)
+        assert_blocked(r, 415, "AWS_EC2_INSTANCE_0002", fake_upstream)
         assert "i-0a1b2c3d4e5f60718" not in r.text and "stop" not in r.text
 
 
