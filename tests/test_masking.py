@@ -162,6 +162,25 @@ def test_values_recognised_by_their_key_in_structured_json() -> None:
     assert json.loads(restored) == doc
 
 
+def test_names_recognised_by_their_aws_key_in_structured_json() -> None:
+    tool_input = {"clusterName": "payments-prod", "UserName": "ci-deployer", "ApiId": "k7x2m9qa01",
+                  "ClientId": "4example5abcdefghij6klmnop", "QueueName": "orders-dlq",
+                  "SecretId": "prod/orders/db", "clusterNameHint": "payments-${ENV}"}
+    doc = {"messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "aws", "input": tool_input}]}]}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    masked = json.loads(out)["messages"][0]["content"][0]["input"]
+    assert masked["clusterName"].startswith("AWS_ARN_EKS_") and masked["UserName"].startswith("AWS_IAM_USER_")
+    assert masked["ApiId"].startswith("AWS_API_GATEWAY_")
+    assert masked["ClientId"].startswith("AWS_COGNITO_CLIENT_")
+    assert masked["QueueName"].startswith("AWS_SQS_QUEUE_")
+    assert masked["SecretId"].startswith("AWS_ARN_SECRETSMANAGER_")
+    assert masked["clusterNameHint"] == "payments-${ENV}"
+    restored, _ = restore_bytes(out, mapping, in_json=True)
+    assert json.loads(restored) == doc
+
+
 def test_a_key_only_adds_hits_and_never_masks_a_value_that_does_not_need_it() -> None:
     doc = {"AccountId": "not an id", "Amount": "123456789012", "Owner": "team payments",
            "aws_secret_access_key": "short", "InstanceId": "i-0123abcd", "AWS": ["us-east-1"],

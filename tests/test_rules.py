@@ -955,3 +955,76 @@ def test_names_and_secrets_in_cli_output_without_arns_are_masked(engine: str) ->
     keep = ['"Type": "SecureString"', '"VersionStages": ["AWSCURRENT"]', "db.r6g.large",
             '"DisplayName": "ops"', "2024-01-01T00:00:00+00:00"]
     assert _kept(CLI_OUTPUT_WITHOUT_ARNS, keep, engine) == []
+
+
+NAMES_AFTER_FLAGS_AND_KEYS = "\n".join((
+    "$ aws eks describe-nodegroup \\",
+    "    --cluster-name payments-prod \\",
+    "    --nodegroup-name ng-general-1",
+    "{",
+    '    "nodegroup": {',
+    '        "nodegroupName": "ng-general-1",',
+    '        "clusterName": "payments-prod",',
+    '        "version": "1.29",',
+    '        "status": "ACTIVE"',
+    "    }",
+    "}",
+    "$ aws ecs execute-command --cluster orders-cluster --task 0123456789abcdef0123456789abcdef --interactive"
+    " --command /bin/sh",
+    "$ aws ecs describe-services --cluster default --services web",
+    '{"events": [{"message": "(service orders-api) has started 1 tasks: (task'
+    ' 0123456789abcdef0123456789abcdef)."}]}',
+    '{"logStreamName": "ecs/app/0123456789abcdef0123456789abcdef"}',
+    "$ aws iam list-access-keys --user-name ci-deployer",
+    '{"AccessKeyMetadata": [{"UserName": "ci-deployer", "AccessKeyId": "AKIAIOSFODNN7EXAMPLE",'
+    ' "Status": "Active"}]}',
+    "$ aws apigateway get-stages --rest-api-id a1b2c3d4e5",
+    '{"Items": [{"ApiId": "k7x2m9qa01", "RouteKey": "GET /pets"}]}',
+    "$ aws cognito-idp describe-user-pool-client --user-pool-id us-east-1_aB3dE5fG7 --client-id"
+    " 4example5abcdefghij6klmnop",
+    "[profile acme-prod]",
+    "sso_account_id = 111122223333",
+    "sso_role_name = PaymentsAdmin",
+    "[profile acme-audit]",
+    "sso_role_name = ReadOnlyAccess",
+    "$ aws sqs get-queue-url --queue-name orders-dlq.fifo",
+    "$ aws kinesis describe-stream-summary --stream-name clickstream-prod",
+    "$ aws secretsmanager get-secret-value --secret-id prod/orders/db --query SecretString",
+    "$ aws ssm describe-parameters",
+    "{",
+    '    "Parameters": [',
+    "        {",
+    '            "Name": "/acme/prod/feature-flags",',
+    '            "Type": "StringList",',
+    '            "Version": 1',
+    "        }",
+    "    ]",
+    "}",
+    "$ aws ecr describe-images --repository-name payments/checkout-api",
+    '{"imageDetails": [{"registryId": "111122223333", "repositoryName": "payments/checkout-api",'
+    ' "imageTags": ["1.4.2"]}]}',
+    "$ docker pull 111122223333.dkr.ecr.us-east-1.amazonaws.com/billing-api:2.0.1",
+    "$ aws glue start-job-run --job-name nightly-orders-etl",
+    "$ aws codebuild start-build --project-name orders-api-build",
+    '{"Records": [{"s3": {"bucket": {"name": "amzn-s3-demo-bucket", "ownerIdentity": {"principalId":'
+    ' "A3NL1KOZZKExample"}}}}]}',
+    "$ docker compose --project-name orders up -d",
+    "",
+))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_names_after_aws_flags_and_keys_are_masked_without_an_arn(engine: str) -> None:
+    secrets = ["payments-prod", "orders-cluster", "0123456789abcdef0123456789abcdef", "orders-api",
+               "ci-deployer", "a1b2c3d4e5", "k7x2m9qa01", "4example5abcdefghij6klmnop", "PaymentsAdmin",
+               "orders-dlq.fifo", "clickstream-prod", "prod/orders/db", "acme/prod/feature-flags",
+               "payments/checkout-api", "billing-api", "nightly-orders-etl", "orders-api-build",
+               "A3NL1KOZZKExample", "111122223333"]
+    assert _leaks(NAMES_AFTER_FLAGS_AND_KEYS, secrets, engine) == []
+    kinds = {value: kind for value, kind in scan(NAMES_AFTER_FLAGS_AND_KEYS, engine)}
+    assert kinds["payments-prod"] == "ARN_EKS" and kinds["orders-cluster"] == "ARN_ECS"
+    assert kinds["ci-deployer"] == "IAM_USER" and kinds["acme/prod/feature-flags"] == "ARN_SSM"
+    keep = ["--nodegroup-name ng-general-1", '"nodegroupName": "ng-general-1"', "--cluster default",
+            "sso_role_name = ReadOnlyAccess", '"RouteKey": "GET /pets"', '"Type": "StringList"',
+            "--project-name orders up", '"imageTags": ["1.4.2"]', "/bin/sh"]
+    assert _kept(NAMES_AFTER_FLAGS_AND_KEYS, keep, engine) == []
