@@ -495,6 +495,14 @@ def test_an_arn_as_the_value_of_a_name_field_is_masked_whole(body: bytes, ctype:
         "html": "&quot;AccountId&quot;:&quot;123456789012&quot;",
         "k": "&quot;RoleName&quot;: &quot;DeployerRoleX&quot;"}).encode(),
      "application/json", [b"123456789012", b"DeployerRoleX"]),
+    # both at once: a page's source JSON-encoded into a string (a tool's result, a function call's arguments)
+    ("references and backslash escapes", json.dumps({"content": json.dumps({
+        "body": "<pre>Role:\narn:aws:iam::111122223333:role&#x2F;deploy-bot\n</pre>"})}).encode(),
+     "application/json", [b"111122223333", b"deploy-bot"]),
+    ("references and backslash escapes, a CLI text row", json.dumps({"content": json.dumps({
+        "page": "<td>\nVPCS\t10.42.0.0&#x2F;16\tdefault\t209384756102\tvpc&#x2D;0a1b2c3d4e5f67890</td>",
+    })}).encode(),
+     "application/json", [b"209384756102", b"0a1b2c3d4e5f67890"]),
 ])
 def test_identifiers_behind_escapes_colours_and_gutters_are_masked(name: str, body: bytes, ctype: str,
                                                                   secret: list[bytes]) -> None:
