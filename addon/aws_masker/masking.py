@@ -84,6 +84,9 @@ class MaskPlan:
     rule_counts: Counter[str] = field(default_factory=Counter)
     names: dict[bytes, str] = field(default_factory=dict)  # originals masked wherever they repeat -> kind
     names_left: int = 0  # at most this many names were not searched for repeats (see REPEAT_BUDGET)
+    # text of the body that is not in its bytes as it is and holds "AWS_" (a base64 document, a UTF-16 body,
+    # decoded): where the placeholders the request holds as text are looked for besides the body's bytes
+    decoded_texts: list[bytes] = field(default_factory=list)
     _assemble: Callable[[list[bytes]], bytes] | None = None
 
     @property
@@ -339,7 +342,10 @@ class BodyMasker:
                 return self._plan_bytes(content, ctype)
             raise UnreadableBody(f"request body is not valid {codec} ({e.reason} at byte {e.start})") \
                 from None
-        wide = self._plan_bytes(text.encode("utf-8", "surrogatepass"), _CHARSET.sub("", ctype))
+        utf8 = text.encode("utf-8", "surrogatepass")
+        wide = self._plan_bytes(utf8, _CHARSET.sub("", ctype))
+        if utf8.find(b"AWS_") >= 0:
+            wide.decoded_texts.append(utf8)
         # An upstream may also ignore the charset and read the bytes: what they show must not leak either.
         if not self.scan_text(content)[0]:
             inner = wide._assemble
@@ -475,6 +481,7 @@ class BodyMasker:
         hidden = False  # a text document in base64 was read
         plain64: list[tuple[Any, Any, str, bytes]] = []  # (container, key, prefix, text) of those with no hit
         seen64: set[tuple[int, Any]] = set()  # (id(container), key) of every one
+        decoded_texts: list[bytes] = []  # those that hold "AWS_"
         while stack:  # iterative: deep nesting must not exhaust the Python stack
             node, under = stack.pop()
             in_dict = isinstance(node, dict)
@@ -510,6 +517,8 @@ class BodyMasker:
                         if encoded is not None:  # text sent as base64 (a document, a data: URL)
                             prefix, text = encoded
                             hidden = True
+                            if text.find(b"AWS_") >= 0:
+                                decoded_texts.append(text)
                             seen64.add((id(node), k))
                             hits, keys = self.scan_text(text)
                             if hits:
@@ -606,7 +615,8 @@ class BodyMasker:
                     elif isinstance(v, (dict, list)):
                         stack.append(v)
 
-        return self._finish(MaskPlan("json", segments, _assemble=assemble), content, others, hidden)
+        plan = MaskPlan("json", segments, decoded_texts=decoded_texts, _assemble=assemble)
+        return self._finish(plan, content, others, hidden)
 
     def _plan_form(self, content: bytes) -> MaskPlan:
         text = content.decode("utf-8", "surrogateescape")
