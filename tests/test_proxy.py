@@ -327,7 +327,11 @@ def test_a_placeholder_the_request_holds_as_text_is_never_minted_for_an_identifi
 def test_json_keys_that_would_collide_once_masked_are_refused_with_415(start_proxy, fake_upstream) -> None:
     proxy = start_proxy(**masker_options(fake_upstream, masker_json_keys="true"))
     with proxied_client(proxy) as c:
-        # the first instance ID this proxy masks gets AWS_EC2_INSTANCE_0001: the client wrote that as a key
+        # the instance gets AWS_EC2_INSTANCE_0001 in a first request (in the same one the client's key would
+        # be avoided: the instance would get _0002); the client then wrote that as a key beside it
+        r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json={"input": {"i-0a1b2c3d4e5f60718": "stop"}})
+        assert r.status_code == 200 and b"AWS_EC2_INSTANCE_0001" in fake_upstream.last_request.body
+        fake_upstream.clear()
         doc = {"input": {"i-0a1b2c3d4e5f60718": "stop", "AWS_EC2_INSTANCE_0001": "start"}}
         r = c.post(fake_upstream.url_for(PATHS[ANTHROPIC]), json=doc)
         assert_blocked(r, 415, "AWS_EC2_INSTANCE_0001", fake_upstream)
