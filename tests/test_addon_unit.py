@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import re
@@ -81,6 +82,25 @@ def test_request_masked_and_reply_restored(masker) -> None:
     assert json.loads(f.response.content) == {"content": [{"text": "i-0123456789abcdef0 is down"}]}
     assert "masked 1" in f.comment and "restored 1" in f.comment
     assert addon.flows == {}
+
+
+@pytest.mark.parametrize("kind", ["base64 document", "utf-16"])
+def test_a_placeholder_held_as_text_in_decoded_text_is_never_minted(masker, kind: str) -> None:
+    """The placeholders a request holds as text are looked for in what the model reads: also in a text
+    document sent as base64 and in a UTF-16 body, whose bytes do not show them (the new instance got the
+    very token the document held, and the reply restored both as the instance)."""
+    addon, tctx = masker
+    text = "the doc says AWS_EC2_INSTANCE_0001 is fine; i-0123456789abcdef0 is down"
+    if kind == "utf-16":
+        f = make_flow(text.encode("utf-16"), headers={"content-type": "text/plain; charset=utf-16"})
+    else:
+        doc = {"type": "document", "source": {"type": "base64", "media_type": "text/plain",
+                                              "data": base64.b64encode(text.encode()).decode()}}
+        f = make_flow(json.dumps({"model": "m", "messages": [{"role": "user", "content": [doc]}]}).encode())
+    tctx.master.event_loop.run_until_complete(addon.request(f))
+    assert f.response is None
+    state = addon.flows[f.id]
+    assert state.mapping == {b"AWS_EC2_INSTANCE_0002": b"i-0123456789abcdef0"}, state.mapping
 
 
 def test_other_hosts_are_untouched(masker) -> None:

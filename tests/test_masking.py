@@ -514,6 +514,14 @@ def test_an_arn_as_the_value_of_a_name_field_is_masked_whole(body: bytes, ctype:
         "html": "&quot;AccountId&quot;:&quot;123456789012&quot;",
         "k": "&quot;RoleName&quot;: &quot;DeployerRoleX&quot;"}).encode(),
      "application/json", [b"123456789012", b"DeployerRoleX"]),
+    # both at once: a page's source JSON-encoded into a string (a tool's result, a function call's arguments)
+    ("references and backslash escapes", json.dumps({"content": json.dumps({
+        "body": "<pre>Role:\narn:aws:iam::111122223333:role&#x2F;deploy-bot\n</pre>"})}).encode(),
+     "application/json", [b"111122223333", b"deploy-bot"]),
+    ("references and backslash escapes, a CLI text row", json.dumps({"content": json.dumps({
+        "page": "<td>\nVPCS\t10.42.0.0&#x2F;16\tdefault\t209384756102\tvpc&#x2D;0a1b2c3d4e5f67890</td>",
+    })}).encode(),
+     "application/json", [b"209384756102", b"0a1b2c3d4e5f67890"]),
 ])
 def test_identifiers_behind_escapes_colours_and_gutters_are_masked(name: str, body: bytes, ctype: str,
                                                                   secret: list[bytes]) -> None:
@@ -593,6 +601,30 @@ def test_the_letter_of_an_escape_is_not_taken_into_a_hostname(body: bytes) -> No
     assert b"\\nAWS_S3_BUCKET_" in out
     restored = restore_bytes(out, mapping, in_json=body.startswith(b"{"))[0]
     assert (json.loads(restored) == json.loads(body)) if body.startswith(b"{") else restored == body
+
+
+@pytest.mark.xfail(strict=True, reason="a short JSON string is scanned after its key, so a rule anchored "
+                   "at a line start ((?m)^) cannot match its first line; see the docstring")
+@pytest.mark.parametrize("text", [
+    "SECURITYGROUPS\tweb tier\tsg-0123456789abcdef0\tweb\t123456789013\tvpc-0123456789abcdef0\n",
+    "USERIDGROUPPAIRS\tsg-0123456789abcdef0\t111122223333\n",
+    "2025-03-04 05:06:07 cdk-hnb659fds-assets-123456789012-us-east-1",
+    "ALIASES\tarn:aws:kms:us-east-1:111122223333:alias/aws/ebs\talias/aws/ebs\t2024-01-01T00:00:00.000000+00:00"
+    "\t0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e\n",
+])
+def test_a_line_anchored_rule_matches_the_first_line_of_a_short_json_string(text: str) -> None:
+    """A tool result is often just a command's output: its first line (a --output text row, an ``aws s3 ls``
+    line) starts the string. Short strings (up to CONTEXT_VALUE_MAX) are scanned once, after their key, and
+    the rules anchored at a line start (``(?m)^ROW-LABEL\t…``) then see the key's quote before the row, not a
+    line start: the row's account ID / bucket / key leaks, while the same text as a longer string, as the
+    second line, or as a text body is masked. A fix has to rescan the value alone (or tell the scanner where
+    a line starts) without slowing the per-string fast path of _plan_json; left for the rules' owners."""
+    secret = [m for m in (b"123456789013", b"111122223333", b"cdk-hnb659fds-assets-123456789012-us-east-1",
+                          b"0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e") if m in text.encode()]
+    assert secret and not [s for s in secret if s in mask(text.encode(), "text/plain")[0]]  # as a text body
+    body = json.dumps({"role": "user", "content": [{"type": "tool_result", "content": text}]}).encode()
+    out, _ = mask(body, "application/json")
+    assert not [s for s in secret if s in out], out
 
 
 def test_a_value_is_recognised_by_the_name_beside_it() -> None:

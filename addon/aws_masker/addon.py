@@ -639,6 +639,8 @@ class AwsMasker:
         avoid = _tokens_in(content) if content.find(PREFIX) >= 0 else set()
         if path.find(PREFIX) >= 0:
             avoid |= _tokens_in(path)
+        for text in plan.decoded_texts:  # a base64 document, a UTF-16 body: the text the model reads
+            avoid |= _tokens_in(text)
         placeholders = await self.store.placeholders_for(items, avoid)
         body_placeholders = placeholders[:len(plan.items)]
         rules = plan.placeholder_rules(body_placeholders)

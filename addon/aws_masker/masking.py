@@ -25,9 +25,10 @@ separator it stands for, and the hits of both scans are merged. So is an undersc
 identifier (``web_i-0abc…``: the underscore is a word character). Text with percent-encoding (a URL:
 ``?prefix=AWSLogs%2F123456789012%2F``) is scanned decoded as well; such a hit covers the escapes of its
 characters, and its original is the encoded text. So is text with HTML/XML character references (a page's
-source, an XML report: ``&quot;OwnerId&quot;: &quot;123456789012&quot;``, ``role&#x2F;deploy``). Text sent
-as base64 (a ``text/plain`` document, a ``data:text/csv;base64,`` URL) is decoded, masked and encoded again;
-binary media types are not decoded.
+source, an XML report: ``&quot;OwnerId&quot;: &quot;123456789012&quot;``, ``role&#x2F;deploy``), and text
+with both references and backslash escapes (a page's source JSON-encoded into a string) with both decoded.
+Text sent as base64 (a ``text/plain`` document, a ``data:text/csv;base64,`` URL) is decoded, masked and
+encoded again; binary media types are not decoded.
 
 A body in a charset that does not write ASCII as ASCII bytes (UTF-16, UTF-32, EBCDIC) is decoded, masked as
 UTF-8 and encoded back; if its bytes read as they are also show identifiers, it is refused (UnreadableBody).
@@ -60,6 +61,7 @@ from .scanner import Hit, Scanner
 
 Key = tuple[str, bytes]  # (placeholder kind, original)
 Decoded = tuple[bytes, list[int], list[int]]  # text decoded once, where each escape lands, shifts after each
+Decoder = Callable[[bytes], Decoded | None]
 Others = Callable[[dict[bytes, str], dict[bytes, str]], None]  # see BodyMasker._repeats
 
 
@@ -82,6 +84,9 @@ class MaskPlan:
     rule_counts: Counter[str] = field(default_factory=Counter)
     names: dict[bytes, str] = field(default_factory=dict)  # originals masked wherever they repeat -> kind
     names_left: int = 0  # at most this many names were not searched for repeats (see REPEAT_BUDGET)
+    # text of the body that is not in its bytes as it is and holds "AWS_" (a base64 document, a UTF-16 body,
+    # decoded): where the placeholders the request holds as text are looked for besides the body's bytes
+    decoded_texts: list[bytes] = field(default_factory=list)
     _assemble: Callable[[list[bytes]], bytes] | None = None
 
     @property
@@ -165,8 +170,11 @@ class BodyMasker:
         is one more scan (remembered like any other); most texts need none."""
         found: list[tuple[Hit, Key]] = []
         have = set(hits)
+        entities = 0x26 in data and _ENTITY.search(data) is not None  # "&": HTML/XML character references
         if 0x5C in data and _BACKSLASH_ESCAPE.search(data):  # 0x5C: a backslash (an int needle: fast)
             decoded = self._unescaped(data, have)
+            if entities:  # both (a page's source JSON-encoded into a string): read with both decoded too
+                decoded = decoded + self._decoded_scan(data, have, (_unescape_once, _unentity_once), b"\\&")
             found += decoded
             # A name without a word boundary before it (a hostname, a bucket) takes the letter of an escape
             # into itself in the bytes ("\\nmy-bucket.s3..." reads as "nmy-bucket"): such a hit gives way to
@@ -183,8 +191,8 @@ class BodyMasker:
                           if h not in have]
         if 0x25 in data or (0x24 in data and data.find(b"$25") >= 0):  # "%", or the console's "$25"
             found += self._percent_encoded(data, have)
-        if 0x26 in data and _ENTITY.search(data):  # "&": HTML/XML character references
-            found += self._decoded_scan(data, have, _unentity_once, 0x26)
+        if entities:
+            found += self._decoded_scan(data, have, (_unentity_once,), b"&")
         if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
             alt = self._glued.sub(b" ", data)  # same length
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
@@ -210,26 +218,27 @@ class BodyMasker:
         key = data if len(data) < 512 else hashlib.blake2b(data, digest_size=16).digest()
         found = self._unescaped_seen.get(key)
         if found is None:
-            found = self._decoded_scan(data, hits, _unescape_once, 0x5C)
+            found = self._decoded_scan(data, hits, (_unescape_once,), b"\\")
             if len(self._unescaped_seen) >= UNESCAPED_ENTRIES:
                 self._unescaped_seen.clear()  # refills with what still comes
             if len(found) <= UNESCAPED_HITS_MAX:  # memory stays bounded (the scanner keeps the scan itself)
                 self._unescaped_seen[key] = found
         return found
 
-    def _decoded_scan(self, data: bytes, hits: set[Hit], decode_once: Callable[[bytes], Decoded | None],
-                      marker: int) -> list[tuple[Hit, Key]]:
-        """Hits of ``data`` decoded by ``decode_once`` (up to three times, while ``marker`` — the byte
-        escapes start with — is left), mapped back to spans of ``data``."""
+    def _decoded_scan(self, data: bytes, hits: set[Hit], decoders: Sequence[Decoder],
+                      markers: bytes) -> list[tuple[Hit, Key]]:
+        """Hits of ``data`` decoded by each of ``decoders`` in turn (up to three times, while one of
+        ``markers`` — the bytes escapes start with — is left), mapped back to spans of ``data``."""
         rounds: list[tuple[list[int], list[int]]] = []  # per decoding: where escapes land, shift after each
         decoded = data
         for _ in range(3):
-            once = decode_once(decoded)
-            if once is None:
-                break
-            decoded, landed, shifts = once
-            rounds.append((landed, shifts))
-            if marker not in decoded:
+            done = len(rounds)
+            for decode_once in decoders:
+                once = decode_once(decoded)
+                if once is not None:
+                    decoded, landed, shifts = once
+                    rounds.append((landed, shifts))
+            if len(rounds) == done or not any(m in decoded for m in markers):
                 break
         if not rounds:
             return []
@@ -333,7 +342,10 @@ class BodyMasker:
                 return self._plan_bytes(content, ctype)
             raise UnreadableBody(f"request body is not valid {codec} ({e.reason} at byte {e.start})") \
                 from None
-        wide = self._plan_bytes(text.encode("utf-8", "surrogatepass"), _CHARSET.sub("", ctype))
+        utf8 = text.encode("utf-8", "surrogatepass")
+        wide = self._plan_bytes(utf8, _CHARSET.sub("", ctype))
+        if utf8.find(b"AWS_") >= 0:
+            wide.decoded_texts.append(utf8)
         # An upstream may also ignore the charset and read the bytes: what they show must not leak either.
         if not self.scan_text(content)[0]:
             inner = wide._assemble
@@ -469,6 +481,7 @@ class BodyMasker:
         hidden = False  # a text document in base64 was read
         plain64: list[tuple[Any, Any, str, bytes]] = []  # (container, key, prefix, text) of those with no hit
         seen64: set[tuple[int, Any]] = set()  # (id(container), key) of every one
+        decoded_texts: list[bytes] = []  # those that hold "AWS_"
         while stack:  # iterative: deep nesting must not exhaust the Python stack
             node, under = stack.pop()
             in_dict = isinstance(node, dict)
@@ -504,6 +517,8 @@ class BodyMasker:
                         if encoded is not None:  # text sent as base64 (a document, a data: URL)
                             prefix, text = encoded
                             hidden = True
+                            if text.find(b"AWS_") >= 0:
+                                decoded_texts.append(text)
                             seen64.add((id(node), k))
                             hits, keys = self.scan_text(text)
                             if hits:
@@ -600,7 +615,8 @@ class BodyMasker:
                     elif isinstance(v, (dict, list)):
                         stack.append(v)
 
-        return self._finish(MaskPlan("json", segments, _assemble=assemble), content, others, hidden)
+        plan = MaskPlan("json", segments, decoded_texts=decoded_texts, _assemble=assemble)
+        return self._finish(plan, content, others, hidden)
 
     def _plan_form(self, content: bytes) -> MaskPlan:
         text = content.decode("utf-8", "surrogateescape")

@@ -397,8 +397,12 @@ class Scanner:
                     if end > pos and rid != pos_rule and plain[rid] is None and follows[rid] is None \
                             and self._acceptable(rid, m):
                         # A match that starts inside the last one and runs on past it (an ARN whose "arn"
-                        # a bucket name ending in ".arn" took): its groups past it are masked.
-                        beyond = [h for h in self._expand(rid, m) if h[0] >= pos]
+                        # a bucket name ending in ".arn" took): its groups past it are masked, and of a group
+                        # that starts before it ends (an IPv6 address whose first group a bucket took,
+                        # s3://2600:1f18:…) the part after every hit so far.
+                        done = last[1] if last is not None else start
+                        beyond = [h if h[0] >= pos else _new_hit(Hit, (max(h[0], done), h[1], h[2], h[3]))
+                                  for h in self._expand(rid, m) if h[1] > pos]
                         if beyond:
                             hits.extend(beyond)
                             gaps = _gaps(pos, end, beyond)
