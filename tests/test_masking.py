@@ -603,8 +603,6 @@ def test_the_letter_of_an_escape_is_not_taken_into_a_hostname(body: bytes) -> No
     assert (json.loads(restored) == json.loads(body)) if body.startswith(b"{") else restored == body
 
 
-@pytest.mark.xfail(strict=True, reason="a short JSON string is scanned after its key, so a rule anchored "
-                   "at a line start ((?m)^) cannot match its first line; see the docstring")
 @pytest.mark.parametrize("text", [
     "SECURITYGROUPS\tweb tier\tsg-0123456789abcdef0\tweb\t123456789013\tvpc-0123456789abcdef0\n",
     "USERIDGROUPPAIRS\tsg-0123456789abcdef0\t111122223333\n",
@@ -615,16 +613,30 @@ def test_the_letter_of_an_escape_is_not_taken_into_a_hostname(body: bytes) -> No
 def test_a_line_anchored_rule_matches_the_first_line_of_a_short_json_string(text: str) -> None:
     """A tool result is often just a command's output: its first line (a --output text row, an ``aws s3 ls``
     line) starts the string. Short strings (up to CONTEXT_VALUE_MAX) are scanned once, after their key, and
-    the rules anchored at a line start (``(?m)^ROW-LABEL\t…``) then see the key's quote before the row, not a
-    line start: the row's account ID / bucket / key leaks, while the same text as a longer string, as the
-    second line, or as a text body is masked. A fix has to rescan the value alone (or tell the scanner where
-    a line starts) without slowing the per-string fast path of _plan_json; left for the rules' owners."""
+    the rules anchored at a line start (``(?m)^ROW-LABEL\t…``) then saw the key's quote before the row, not a
+    line start: the row's account ID / bucket / key leaked, while the same text as a longer string, as the
+    second line, or as a text body was masked. A value that starts with a byte such a rule can start with
+    is now scanned alone too."""
     secret = [m for m in (b"123456789013", b"111122223333", b"cdk-hnb659fds-assets-123456789012-us-east-1",
                           b"0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e") if m in text.encode()]
     assert secret and not [s for s in secret if s in mask(text.encode(), "text/plain")[0]]  # as a text body
     body = json.dumps({"role": "user", "content": [{"type": "tool_result", "content": text}]}).encode()
     out, _ = mask(body, "application/json")
     assert not [s for s in secret if s in out], out
+    form = b"out=" + quote_plus(text).encode()  # a form value is scanned after its key too
+    out, _ = mask(form, "application/x-www-form-urlencoded")
+    assert not [s for s in secret if quote_plus(s.decode()).encode() in out], out
+
+
+def test_the_bytes_line_anchored_rules_start_with() -> None:
+    from aws_masker.scanner import _anchored_first
+    cases = {rb"(?m)^abc": {0x61}, rb"(?i)(?m)^abc": {0x41, 0x61}, rb"x|(?m:^(?i:q)z)": {0x51, 0x71},
+             rb"\bfoo(?m:^x)": set(), rb"(?m)^\s*$": None, rb"(?m)^.x": None,
+             rb"(?m)^[0-2]\d": {0x30, 0x31, 0x32}, rb"(?m)(?:^|,)(?:AB|C)?D": {0x41, 0x43, 0x44}}
+    for pattern, want in cases.items():
+        assert _anchored_first(re.compile(pattern)) == want, pattern
+    table = SCANNER.line_start_bytes()
+    assert len(table) == 256 and table[ord("U")] and table[ord("2")] and not table[ord("x")]
 
 
 def test_a_value_is_recognised_by_the_name_beside_it() -> None:

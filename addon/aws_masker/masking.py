@@ -149,6 +149,7 @@ class BodyMasker:
         # rules that find what they find anywhere: their originals need no search for repeats
         self._standalone = scanner.standalone_rules() | {REPEAT_RULE}
         self._also: Sequence[tuple[Hit, Key]] = ()  # see plan()
+        self._line_start = scanner.line_start_bytes()  # first bytes of matches anchored at a line start
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -298,9 +299,22 @@ class BodyMasker:
             return self.scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
+        if value and self._line_start[value[0]]:
+            hits, keys = self._at_line_start(value, hits, keys)
         if _may_hide(value):
             return self._with_decodings(value, hits, keys)
         return hits, keys
+
+    def _at_line_start(self, value: bytes, hits: list[Hit], keys: list[Key]) -> tuple[list[Hit], list[Key]]:
+        """``hits`` (of ``value`` scanned after its context) and what a rule anchored at a line start finds
+        at the start of ``value``: after the context it is no line start (a tool result that is one command's
+        output: ``USERIDGROUPPAIRS\tsg-…\t111122223333``), so ``value`` is scanned alone too."""
+        vhits, vkeys = self.scanner.remembered(value)
+        if not vhits:
+            return hits, keys
+        if not hits:
+            return list(vhits), list(vkeys)
+        return _merge([*zip(hits, keys, strict=True), *zip(vhits, vkeys, strict=True)])
 
     def _in_value(self, value: bytes, n: int, chits: list[Hit],
                   ckeys: list[Key]) -> tuple[list[Hit], list[Key]]:
@@ -467,6 +481,7 @@ class BodyMasker:
         value_context = self._value_context
         glued = self._glued.search if self._glued is not None else None
         list_context = self._list_context
+        line_start = self._line_start
         segments: list[Segment] = []
         # (container, key, how the masked bytes become the new value: None = UTF-8 text) per string with hits
         slots: list[tuple[Any, Any, Callable[[bytes], str] | None]] = []
@@ -534,9 +549,12 @@ class BodyMasker:
                         hits, keys = scan(b, context)
                     else:  # inline: most values are short and hold nothing
                         chits, ckeys = remembered(context + b)
-                        if not chits:
+                        if b and line_start[b[0]]:  # a rule anchored at a line start may match at its start
+                            hits, keys = self._at_line_start(b, *in_value(b, len(context), chits, ckeys))
+                        elif not chits:
                             continue
-                        hits, keys = in_value(b, len(context), chits, ckeys)
+                        else:
+                            hits, keys = in_value(b, len(context), chits, ckeys)
                     if hits:
                         segments.append(Segment(b, hits, keys))
                         slots.append((node, k, None))

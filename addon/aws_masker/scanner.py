@@ -19,6 +19,8 @@ import logging
 import operator
 import re
 from collections.abc import Callable, Sequence
+from re import _constants as _sre  # type: ignore[attr-defined]  # the regex parser's own names
+from re import _parser as _sre_parse  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
 from .rules import TEMPLATE_RE, Rule
@@ -509,6 +511,20 @@ class Scanner:
                 found.add(rule.id)
         return frozenset(found)
 
+    def line_start_bytes(self) -> bytes:
+        """A table of 256 flags: which bytes a rule's match can start with where the rule demands a line
+        start there (``(?m)^ROW-LABEL\\t…``, ``\\A``). A text scanned after context (a JSON value after its
+        key) is no line start, so such a match at its start is only found by a scan of the text alone;
+        this says when that scan can find something. All ones when a rule's start cannot be told."""
+        table = bytearray(256)
+        for rule in self.rules:
+            first = _anchored_first(rule.compiled)
+            if first is None:
+                return bytes([1]) * 256
+            for b in first:
+                table[b] = 1
+        return bytes(table)
+
     def _whole(self, value: bytes) -> bool:
         hits = self._scan(value)
         return len(hits) == 1 and hits[0][0] == 0 and hits[0][1] == len(value)
@@ -516,6 +532,132 @@ class Scanner:
     def scan_values(self, data: bytes) -> list[bytes]:
         """The masked substrings of ``data`` (for rule examples and tools)."""
         return [data[h.start:h.end] for h in self.scan(data)]
+
+
+_LINE_STARTS = {_sre.AT_BEGINNING, _sre.AT_BEGINNING_STRING}
+_WORD = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_SPACE = frozenset(b" \t\n\r\f\v")
+_DIGIT = frozenset(b"0123456789")
+_CATEGORIES = {_sre.CATEGORY_DIGIT: _DIGIT, _sre.CATEGORY_WORD: _WORD, _sre.CATEGORY_SPACE: _SPACE}
+_NOT_CATEGORIES = {_sre.CATEGORY_NOT_DIGIT: _DIGIT, _sre.CATEGORY_NOT_WORD: _WORD,
+                   _sre.CATEGORY_NOT_SPACE: _SPACE}
+_ALL = frozenset(range(256))
+
+
+def _anchored_first(compiled: re.Pattern[bytes]) -> set[int] | None:
+    """The bytes a match of ``compiled`` can start with where a line anchor (``^``, ``\\A``) precedes its
+    first byte; empty when no match starts at an anchor; None when it cannot be told (then assume any).
+    Letters count in both cases (a flag group may turn case-insensitivity on)."""
+    try:
+        tree = _sre_parse.parse(compiled.pattern, compiled.flags)
+    except Exception:  # a pattern this reader does not know: assume anything
+        return None
+    return _anchored(list(tree), bool(compiled.flags & re.IGNORECASE))
+
+
+def _icase(icase: bool, av: Any) -> bool:
+    """Case-insensitivity inside a group ``(?i:…)`` / ``(?-i:…)`` (av: the group's parse tuple)."""
+    return bool((icase or av[1] & re.IGNORECASE) and not av[2] & re.IGNORECASE)
+
+
+def _folded(found: set[int], icase: bool) -> set[int]:
+    return found | {c ^ 0x20 for c in found if 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A} if icase else found
+
+
+def _anchored(seq: list[Any], icase: bool) -> set[int] | None:
+    """First bytes of the paths through ``seq`` that begin (after zero-width items) with a line anchor."""
+    for i, (op, av) in enumerate(seq):
+        if op is _sre.AT:
+            if av in _LINE_STARTS:
+                first, nullable = _first(seq[i + 1:], icase)
+                return None if first is None or nullable else first
+            continue  # \b and the like: zero-width, look on
+        if op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            continue
+        if op is _sre.BRANCH:
+            out: set[int] = set()
+            for branch in av[1]:
+                got = _anchored(list(branch) + seq[i + 1:], icase)
+                if got is None:
+                    return None
+                out |= got
+            return out
+        if op is _sre.SUBPATTERN:  # (its flags apply inside it only: what follows is read with icase as is)
+            inner = _anchored(list(av[-1]), _icase(icase, av))
+            if inner is None or inner:
+                return inner
+            return set() if not _first(list(av[-1]), icase)[1] else _anchored(seq[i + 1:], icase)
+        if op is _sre.ATOMIC_GROUP:
+            return _anchored(list(av) + seq[i + 1:], icase)
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            lo, _hi, item = av
+            got = _anchored(list(item), icase)
+            if got is None:
+                return None
+            if lo == 0:  # may be skipped: what follows may start the match too
+                rest = _anchored(seq[i + 1:], icase)
+                return None if rest is None else got | rest
+            return got
+        return set()  # a byte before any anchor: this path is no anchored start
+    return set()
+
+
+def _first(seq: list[Any], icase: bool) -> tuple[set[int] | None, bool]:
+    """(the bytes ``seq`` can start with — None: any —, whether it can match nothing)."""
+    out: set[int] = set()
+    for op, av in seq:
+        if op is _sre.LITERAL:
+            return out | _folded({av}, icase), False
+        if op is _sre.IN:
+            got = _in_set(av)
+            return (None if got is None else out | _folded(got, icase)), False
+        if op in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):
+            continue  # zero-width
+        if op is _sre.BRANCH:
+            nullable = False
+            for branch in av[1]:
+                got, empty = _first(list(branch), icase)
+                if got is None:
+                    return None, False
+                out |= got
+                nullable = nullable or empty
+            if not nullable:
+                return out, False
+            continue
+        if op is _sre.SUBPATTERN:
+            got, empty = _first(list(av[-1]), _icase(icase, av))
+        elif op is _sre.ATOMIC_GROUP:
+            got, empty = _first(list(av), icase)
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            got, empty = _first(list(av[2]), icase)
+            empty = empty or av[0] == 0
+        else:  # any byte, a back-reference, …: cannot be told
+            return None, False
+        if got is None:
+            return None, False
+        out |= got
+        if not empty:
+            return out, False
+    return out, True
+
+
+def _in_set(items: list[Any]) -> set[int] | None:
+    out: set[int] = set()
+    negate = False
+    for op, av in items:
+        if op is _sre.NEGATE:
+            negate = True
+        elif op is _sre.LITERAL:
+            out.add(av)
+        elif op is _sre.RANGE:
+            out.update(range(av[0], av[1] + 1))
+        elif op is _sre.CATEGORY and av in _CATEGORIES:
+            out |= _CATEGORIES[av]
+        elif op is _sre.CATEGORY and av in _NOT_CATEGORIES:
+            out |= _ALL - _NOT_CATEGORIES[av]
+        else:
+            return None
+    return set(_ALL - out) if negate else out
 
 
 # Compiled databases by pattern tuple: building the same catalog again (reloads, tests) costs nothing.
