@@ -629,14 +629,17 @@ def test_a_line_anchored_rule_matches_the_first_line_of_a_short_json_string(text
 
 
 def test_the_bytes_line_anchored_rules_start_with() -> None:
-    from aws_masker.scanner import _anchored_first
-    cases = {rb"(?m)^abc": {0x61}, rb"(?i)(?m)^abc": {0x41, 0x61}, rb"x|(?m:^(?i:q)z)": {0x51, 0x71},
-             rb"\bfoo(?m:^x)": set(), rb"(?m)^\s*$": None, rb"(?m)^.x": None,
-             rb"(?m)^[0-2]\d": {0x30, 0x31, 0x32}, rb"(?m)(?:^|,)(?:AB|C)?D": {0x41, 0x43, 0x44}}
+    from aws_masker.scanner import _anchored_starts
+    cases = {rb"(?m)^abc": {b"ab"}, rb"(?i)(?m)^ab": {b"ab", b"aB", b"Ab", b"AB"},
+             rb"x|(?m:^(?i:q)z)": {b"qz", b"Qz"}, rb"\bfoo(?m:^x)": set(), rb"(?m)^\s*$": None,
+             rb"(?m)^[0-1]\d": {b"%d%d" % (a, b) for a in range(2) for b in range(10)},
+             rb"(?m)(?:^|,)(?:AB|C)?D": {b"AB", b"CD", b"D"}, rb"(?m)^a\tb": {b"a\t"},
+             rb"\A-?x": {b"-x", b"x"}}
     for pattern, want in cases.items():
-        assert _anchored_first(re.compile(pattern)) == want, pattern
-    table = SCANNER.line_start_bytes()
-    assert len(table) == 256 and table[ord("U")] and table[ord("2")] and not table[ord("x")]
+        assert _anchored_starts(re.compile(pattern)) == want, pattern
+    one, two = SCANNER.line_starts()
+    assert one[ord("U")] and one[ord("2")] and not one[ord("x")]
+    assert two[ord("U") << 8 | ord("S")] and not two[ord("T") << 8 | ord("h")]  # USERIDGROUPPAIRS, not "The"
 
 
 def test_a_value_is_recognised_by_the_name_beside_it() -> None:

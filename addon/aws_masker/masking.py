@@ -135,6 +135,7 @@ CONTEXT_KEY_MAX = 64  # ... of which the last this many bytes are used (rules lo
 CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
 UNESCAPED_ENTRIES = 4096  # texts whose escapes were decoded and scanned, remembered with their hits
 UNESCAPED_HITS_MAX = 256  # ... if they have at most this many
+INLINE_ENTRIES = 4096  # short JSON values (with their key) whose hits are remembered (<= ~4.5 MB)
 
 
 class BodyMasker:
@@ -149,7 +150,9 @@ class BodyMasker:
         # rules that find what they find anywhere: their originals need no search for repeats
         self._standalone = scanner.standalone_rules() | {REPEAT_RULE}
         self._also: Sequence[tuple[Hit, Key]] = ()  # see plan()
-        self._line_start = scanner.line_start_bytes()  # first bytes of matches anchored at a line start
+        self._line_one, self._line_two = scanner.line_starts()  # how matches anchored at a line start begin
+        # context + short JSON value -> its hits: most strings of a request came in the last one too
+        self._inline_seen: dict[bytes, tuple[tuple[Hit, ...], tuple[Key, ...]]] = {}
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -158,6 +161,12 @@ class BodyMasker:
             self._list_context.clear()
         context = contexts[key] = _key_context(key, b'": "')
         return context
+
+    def clear_cache(self) -> None:
+        """Forget remembered scans (the scanner's and this masker's; benchmarks measure cold scans)."""
+        self.scanner.clear_cache()
+        self._inline_seen.clear()
+        self._unescaped_seen.clear()
 
     def scan_text(self, data: bytes) -> tuple[list[Hit], list[Key]]:
         """``scan_keys(data)``, plus what backslash escapes, percent-encoding and underscores glued to an
@@ -299,11 +308,27 @@ class BodyMasker:
             return self.scan_text(value)
         chits, ckeys = self.scanner.remembered(context + value)  # shared lists: read only
         hits, keys = self._in_value(value, len(context), chits, ckeys)
-        if value and self._line_start[value[0]]:
+        if value and (self._line_two[value[0] << 8 | value[1]] if len(value) > 1
+                      else self._line_one[value[0]]):  # a rule anchored at a line start may match there
             hits, keys = self._at_line_start(value, hits, keys)
         if _may_hide(value):
             return self._with_decodings(value, hits, keys)
         return hits, keys
+
+    def _inline_scan(self, data: bytes, n: int) -> tuple[tuple[Hit, ...], tuple[Key, ...]]:
+        """The hits in a short JSON value (``data[n:]``) scanned after its context (``data[:n]``), shifted
+        into the value, remembered by ``data`` (the value's hits and keys are the same whatever its key)."""
+        value = data[n:]
+        hits, keys = self._in_value(value, n, *self.scanner.scan_keys_once(data))
+        if value and (self._line_two[value[0] << 8 | value[1]] if len(value) > 1
+                      else self._line_one[value[0]]):  # a rule anchored at a line start may match there
+            hits, keys = self._at_line_start(value, hits, keys)
+        found = (tuple(hits), tuple(keys))
+        seen = self._inline_seen
+        if len(seen) >= INLINE_ENTRIES:
+            seen.clear()  # refills with what still comes
+        seen[data] = found
+        return found
 
     def _at_line_start(self, value: bytes, hits: list[Hit], keys: list[Key]) -> tuple[list[Hit], list[Key]]:
         """``hits`` (of ``value`` scanned after its context) and what a rule anchored at a line start finds
@@ -476,12 +501,10 @@ class BodyMasker:
         if not isinstance(doc, (dict, list, str)):  # a number, true, false, null: nothing to mask
             return self._finish(MaskPlan("json", [], _assemble=lambda parts: content))
         scan = self._scan_value
-        remembered = self.scanner.remembered
-        in_value = self._in_value
         value_context = self._value_context
         glued = self._glued.search if self._glued is not None else None
         list_context = self._list_context
-        line_start = self._line_start
+        inline_seen = self._inline_seen
         segments: list[Segment] = []
         # (container, key, how the masked bytes become the new value: None = UTF-8 text) per string with hits
         slots: list[tuple[Any, Any, Callable[[bytes], str] | None]] = []
@@ -547,14 +570,14 @@ class BodyMasker:
                             or 0x26 in b  # "&": a character reference (&quot;)
                             or (0x5F in b and glued is not None and glued(b))):  # "_" glued to an ID
                         hits, keys = scan(b, context)
-                    else:  # inline: most values are short and hold nothing
-                        chits, ckeys = remembered(context + b)
-                        if b and line_start[b[0]]:  # a rule anchored at a line start may match at its start
-                            hits, keys = self._at_line_start(b, *in_value(b, len(context), chits, ckeys))
-                        elif not chits:
+                    else:  # inline: most values are short and hold nothing, and come again and again
+                        cb = context + b
+                        found = inline_seen.get(cb)
+                        if found is None:
+                            found = self._inline_scan(cb, len(context))
+                        if not found[0]:
                             continue
-                        else:
-                            hits, keys = in_value(b, len(context), chits, ckeys)
+                        hits, keys = list(found[0]), list(found[1])
                     if hits:
                         segments.append(Segment(b, hits, keys))
                         slots.append((node, k, None))

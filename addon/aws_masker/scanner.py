@@ -360,6 +360,10 @@ class Scanner:
         cache[digest] = found
         return found
 
+    def scan_keys_once(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
+        """``scan_keys(data)`` without remembering it (for a caller that remembers what it makes of it)."""
+        return self._scan_keys(data)
+
     def _scan_keys(self, data: bytes) -> tuple[list[Hit], list[tuple[str, bytes]]]:
         hits = self._scan(data)
         return hits, [(h[2], data[h[0]:h[1]]) for h in hits]
@@ -511,19 +515,24 @@ class Scanner:
                 found.add(rule.id)
         return frozenset(found)
 
-    def line_start_bytes(self) -> bytes:
-        """A table of 256 flags: which bytes a rule's match can start with where the rule demands a line
-        start there (``(?m)^ROW-LABEL\\t…``, ``\\A``). A text scanned after context (a JSON value after its
-        key) is no line start, so such a match at its start is only found by a scan of the text alone;
-        this says when that scan can find something. All ones when a rule's start cannot be told."""
-        table = bytearray(256)
+    def line_starts(self) -> tuple[bytes, bytes]:
+        """Where a rule demands a line start before its match (``(?m)^ROW-LABEL\\t…``, ``\\A``), what the
+        match can start with: (a flag per first byte, a flag per first two bytes, ``b0 << 8 | b1``). A text
+        scanned after context (a JSON value after its key) is no line start, so such a match at its start is
+        only found by a scan of the text alone; this says when that scan can find something. All ones when
+        a rule's start cannot be told."""
+        one, two = bytearray(256), bytearray(65536)
         for rule in self.rules:
-            first = _anchored_first(rule.compiled)
-            if first is None:
-                return bytes([1]) * 256
-            for b in first:
-                table[b] = 1
-        return bytes(table)
+            starts = _anchored_starts(rule.compiled)
+            if starts is None:
+                return bytes([1]) * 256, bytes([1]) * 65536
+            for p in starts:
+                one[p[0]] = 1
+                if len(p) == 1:  # the match may be one byte long: any second byte
+                    two[p[0] << 8:(p[0] + 1) << 8] = bytes([1]) * 256
+                else:
+                    two[p[0] << 8 | p[1]] = 1
+        return bytes(one), bytes(two)
 
     def _whole(self, value: bytes) -> bool:
         hits = self._scan(value)
@@ -544,10 +553,9 @@ _NOT_CATEGORIES = {_sre.CATEGORY_NOT_DIGIT: _DIGIT, _sre.CATEGORY_NOT_WORD: _WOR
 _ALL = frozenset(range(256))
 
 
-def _anchored_first(compiled: re.Pattern[bytes]) -> set[int] | None:
-    """The bytes a match of ``compiled`` can start with where a line anchor (``^``, ``\\A``) precedes its
-    first byte; empty when no match starts at an anchor; None when it cannot be told (then assume any).
-    Letters count in both cases (a flag group may turn case-insensitivity on)."""
+def _anchored_starts(compiled: re.Pattern[bytes]) -> set[bytes] | None:
+    """The first (up to two) bytes of the matches of ``compiled`` that a line anchor (``^``, ``\\A``)
+    precedes; empty when no match starts at an anchor; None when they cannot be told (then assume any)."""
     try:
         tree = _sre_parse.parse(compiled.pattern, compiled.flags)
     except Exception:  # a pattern this reader does not know: assume anything
@@ -560,33 +568,34 @@ def _icase(icase: bool, av: Any) -> bool:
     return bool((icase or av[1] & re.IGNORECASE) and not av[2] & re.IGNORECASE)
 
 
-def _folded(found: set[int], icase: bool) -> set[int]:
-    return found | {c ^ 0x20 for c in found if 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A} if icase else found
+_PREFIX = 2  # bytes of a match's start that are told apart
+_PREFIXES_MAX = 20_000  # more possible starts than this: assume any
 
 
-def _anchored(seq: list[Any], icase: bool) -> set[int] | None:
-    """First bytes of the paths through ``seq`` that begin (after zero-width items) with a line anchor."""
+def _anchored(seq: list[Any], icase: bool) -> set[bytes] | None:
+    """The starts of the paths through ``seq`` that begin (after zero-width items) with a line anchor."""
     for i, (op, av) in enumerate(seq):
         if op is _sre.AT:
             if av in _LINE_STARTS:
-                first, nullable = _first(seq[i + 1:], icase)
-                return None if first is None or nullable else first
-            continue  # \b and the like: zero-width, look on
+                starts = _prefixes(seq[i + 1:], icase)
+                return None if starts is None or b"" in starts else starts
+            continue  # \\b and the like: zero-width, look on
         if op in (_sre.ASSERT, _sre.ASSERT_NOT):
             continue
         if op is _sre.BRANCH:
-            out: set[int] = set()
+            out: set[bytes] = set()
             for branch in av[1]:
                 got = _anchored(list(branch) + seq[i + 1:], icase)
                 if got is None:
                     return None
                 out |= got
             return out
-        if op is _sre.SUBPATTERN:  # (its flags apply inside it only: what follows is read with icase as is)
+        if op is _sre.SUBPATTERN:  # (its flags apply inside it only)
             inner = _anchored(list(av[-1]), _icase(icase, av))
             if inner is None or inner:
                 return inner
-            return set() if not _first(list(av[-1]), icase)[1] else _anchored(seq[i + 1:], icase)
+            empty = _prefixes(list(av[-1]), _icase(icase, av))
+            return None if empty is None else _anchored(seq[i + 1:], icase) if b"" in empty else set()
         if op is _sre.ATOMIC_GROUP:
             return _anchored(list(av) + seq[i + 1:], icase)
         if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
@@ -602,43 +611,76 @@ def _anchored(seq: list[Any], icase: bool) -> set[int] | None:
     return set()
 
 
-def _first(seq: list[Any], icase: bool) -> tuple[set[int] | None, bool]:
-    """(the bytes ``seq`` can start with — None: any —, whether it can match nothing)."""
-    out: set[int] = set()
+def _then(heads: set[bytes], tails: set[bytes]) -> set[bytes] | None:
+    """Each of ``heads`` followed by each of ``tails``, cut to _PREFIX bytes."""
+    out = {h for h in heads if len(h) >= _PREFIX}
+    short = [h for h in heads if len(h) < _PREFIX]
+    for h in short:
+        out.update((h + t)[:_PREFIX] for t in tails)
+        if len(out) > _PREFIXES_MAX:
+            return None
+    return out
+
+
+def _prefixes(seq: list[Any], icase: bool) -> set[bytes] | None:
+    """The starts (up to _PREFIX bytes; b"" if it can match nothing) of what ``seq`` matches."""
+    out: set[bytes] | None = {b""}
     for op, av in seq:
-        if op is _sre.LITERAL:
-            return out | _folded({av}, icase), False
-        if op is _sre.IN:
-            got = _in_set(av)
-            return (None if got is None else out | _folded(got, icase)), False
-        if op in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):
-            continue  # zero-width
-        if op is _sre.BRANCH:
-            nullable = False
-            for branch in av[1]:
-                got, empty = _first(list(branch), icase)
-                if got is None:
-                    return None, False
-                out |= got
-                nullable = nullable or empty
-            if not nullable:
-                return out, False
-            continue
-        if op is _sre.SUBPATTERN:
-            got, empty = _first(list(av[-1]), _icase(icase, av))
-        elif op is _sre.ATOMIC_GROUP:
-            got, empty = _first(list(av), icase)
-        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
-            got, empty = _first(list(av[2]), icase)
-            empty = empty or av[0] == 0
-        else:  # any byte, a back-reference, …: cannot be told
-            return None, False
-        if got is None:
-            return None, False
-        out |= got
-        if not empty:
-            return out, False
-    return out, True
+        item = _item_prefixes(op, av, icase)
+        if item is None:
+            return None
+        out = _then(out, item)  # type: ignore[arg-type]
+        if out is None:
+            return None
+        if all(len(p) >= _PREFIX for p in out):
+            break
+    return out
+
+
+def _item_prefixes(op: Any, av: Any, icase: bool) -> set[bytes] | None:
+    if op is _sre.LITERAL:
+        return {bytes([c]) for c in _folded({av}, icase)}
+    if op is _sre.NOT_LITERAL:
+        return {bytes([c]) for c in _ALL - _folded({av}, icase)}
+    if op is _sre.ANY:
+        return {bytes([c]) for c in _ALL}
+    if op is _sre.IN:
+        members = _in_set(av)
+        return None if members is None else {bytes([c]) for c in _folded(members, icase)}
+    if op in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):
+        return {b""}  # zero-width
+    if op is _sre.BRANCH:
+        out: set[bytes] = set()
+        for branch in av[1]:
+            got = _prefixes(list(branch), icase)
+            if got is None:
+                return None
+            out |= got
+        return out
+    if op is _sre.SUBPATTERN:
+        return _prefixes(list(av[-1]), _icase(icase, av))
+    if op is _sre.ATOMIC_GROUP:
+        return _prefixes(list(av), icase)
+    if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+        lo, hi, inner = av
+        one = _prefixes(list(inner), icase)
+        if one is None:
+            return None
+        res: set[bytes] = {b""} if lo == 0 else set()
+        cur: set[bytes] | None = {b""}
+        for n in range(1, min(hi, _PREFIX) + 1):  # more repetitions do not change the first bytes
+            cur = _then(cur, one)  # type: ignore[arg-type]
+            if cur is None:
+                return None
+            if n >= lo or n == _PREFIX:
+                res |= cur
+        return res
+    return None  # a back-reference, a conditional: cannot be told
+
+
+def _folded(found: set[int] | frozenset[int], icase: bool) -> set[int]:
+    return set(found) | {c ^ 0x20 for c in found if 0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A} if icase \
+        else set(found)
 
 
 def _in_set(items: list[Any]) -> set[int] | None:
