@@ -109,6 +109,12 @@ def test_show_mapping_prints_originals_only_when_asked(sample: Path) -> None:
     assert "ORIGINALS" in mask("--help").stdout  # the help warns about it
 
 
+def test_a_placeholder_the_input_holds_as_text_is_not_handed_to_an_identifier() -> None:
+    r = mask("--show-mapping", stdin="AWS_EC2_INSTANCE_0001 was the old one; i-0a1b2c3d4e5f60718 is new\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "AWS_EC2_INSTANCE_0001 was the old one; AWS_EC2_INSTANCE_0002 is new\n"
+
+
 def test_json_masks_string_values_like_the_proxy() -> None:
     body = {"model": "m", "i-0a1b2c3d4e5f60718": "a key stays",
             "messages": [{"role": "user", "content": "why is i-0a1b2c3d4e5f60718 in 10.20.30.40 down?"}],

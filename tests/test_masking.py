@@ -642,6 +642,19 @@ def test_the_bytes_line_anchored_rules_start_with() -> None:
     assert two[ord("U") << 8 | ord("S")] and not two[ord("T") << 8 | ord("h")]  # USERIDGROUPPAIRS, not "The"
 
 
+def test_remembered_decoded_scans_do_not_depend_on_the_first_callers_hits() -> None:
+    """The hits of a text read with its escapes decoded are remembered by the text; which of them a caller
+    already has depends on the context it scanned the text after, so the first caller's must not be
+    left out of what the next one gets."""
+    masker = BodyMasker(SCANNER)
+    data = b'{\\"RoleName\\": \\"DeployerRoleX\\"}'
+    found = masker._unescaped(data, set())
+    assert [data[h[0]:h[1]] for h, _ in found] == [b"DeployerRoleX"]
+    masker.clear_cache()
+    assert masker._unescaped(data, {found[0][0]}) == []  # this caller had it already
+    assert masker._unescaped(data, set()) == found  # the next one, without it, still gets it
+
+
 def test_a_value_is_recognised_by_the_name_beside_it() -> None:
     """Container environments ({"name": …, "value": …}) and tags ({"Key": …, "Value": …}) label a value
     with a sibling, not with its key."""

@@ -25,7 +25,7 @@ from .errors import Blocked, error_response
 from .events import EventPublisher, block_event, mask_event, parse_event_options, unmask_event
 from .guard import GUARD
 from .masking import BodyMasker, UnreadableBody, merge_kept, repeats_in_url, text_codec
-from .placeholders import PREFIX, TOKEN_RE, glued_suffixes, restore_bytes
+from .placeholders import PREFIX, TOKEN_RE, glued_suffixes, restore_bytes, tokens_in
 from .rules import RuleError, check_examples, load_rules, with_followed
 from .scanner import Scanner
 from .store import MemoryStore, Store, StoreUnavailable
@@ -636,11 +636,9 @@ class AwsMasker:
             items = [*items, *(k for k in dict.fromkeys(path_keys) if k not in known)]
         # Placeholders the request holds as text (one the model invented, come back in the history): a new
         # identifier must not get one of them, or the model would read both as one and the reply restore both.
-        avoid = _tokens_in(content) if content.find(PREFIX) >= 0 else set()
-        if path.find(PREFIX) >= 0:
-            avoid |= _tokens_in(path)
+        avoid = tokens_in(content) | tokens_in(path)
         for text in plan.decoded_texts:  # a base64 document, a UTF-16 body: the text the model reads
-            avoid |= _tokens_in(text)
+            avoid |= tokens_in(text)
         placeholders = await self.store.placeholders_for(items, avoid)
         body_placeholders = placeholders[:len(plan.items)]
         rules = plan.placeholder_rules(body_placeholders)
@@ -863,12 +861,6 @@ def _unknown_options() -> list[str]:
             close = difflib.get_close_matches(name, ours, n=1)
             out.append(f"unknown option --set {name}" + (f" (did you mean {close[0]}?)" if close else ""))
     return out
-
-
-def _tokens_in(data: bytes) -> set[bytes]:
-    """The placeholder tokens ``data`` holds as text, and those they may end in (as a reply is restored)."""
-    tokens = set(TOKEN_RE.findall(data))
-    return tokens.union(*map(glued_suffixes, tokens))
 
 
 def _redact_url(url: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .masking import BodyMasker, MaskPlan, UnreadableBody
+from .placeholders import tokens_in
 from .rules import BUILTIN_RULES_DIR, Rule, RuleError, check_examples, load_rules, rule_files, with_followed
 from .scanner import Scanner
 from .store import MemoryStore
@@ -157,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan = masker.plan(content, ctype)
         except UnreadableBody as e:
             return _fail(f"{'stdin' if name == '-' else name}: {e}")
-        placeholders = store.lookup(plan.items)
+        # (a placeholder the input holds as text is never handed to a new identifier, as in the proxy)
+        avoid = tokens_in(content).union(*map(tokens_in, plan.decoded_texts))
+        placeholders = store.lookup(plan.items, avoid)
         masked, _ = plan.render(placeholders)
         mask_ms += (time.perf_counter() - t1) * 1000
         if args.json and content and plan.format != "json":

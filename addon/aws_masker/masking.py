@@ -228,12 +228,13 @@ class BodyMasker:
         key = data if len(data) < 512 else hashlib.blake2b(data, digest_size=16).digest()
         found = self._unescaped_seen.get(key)
         if found is None:
-            found = self._decoded_scan(data, hits, (_unescape_once,), b"\\")
+            # remembered whatever ``hits`` are: they depend on the context the text was scanned after
+            found = self._decoded_scan(data, set(), (_unescape_once,), b"\\")
             if len(self._unescaped_seen) >= UNESCAPED_ENTRIES:
                 self._unescaped_seen.clear()  # refills with what still comes
             if len(found) <= UNESCAPED_HITS_MAX:  # memory stays bounded (the scanner keeps the scan itself)
                 self._unescaped_seen[key] = found
-        return found
+        return [x for x in found if x[0] not in hits] if hits else found
 
     def _decoded_scan(self, data: bytes, hits: set[Hit], decoders: Sequence[Decoder],
                       markers: bytes) -> list[tuple[Hit, Key]]:

@@ -62,6 +62,15 @@ def glued_suffixes(token: bytes) -> list[bytes]:
     return out
 
 
+def tokens_in(data: bytes) -> set[bytes]:
+    """The placeholder tokens ``data`` holds as text, and those they may end in (as a reply is restored):
+    what a new identifier must not get (see ``Store.placeholders_for``)."""
+    if data.find(PREFIX) < 0:
+        return set()
+    tokens = set(TOKEN_RE.findall(data))
+    return tokens.union(*map(glued_suffixes, tokens))
+
+
 def glued_split(token: bytes, mapping: dict[bytes, bytes]) -> tuple[bytes, bytes] | None:
     """(the text glued before it, the placeholder) for a ``token`` that is no placeholder of ``mapping``
     but ends in one (the longest such); None when it does not."""
