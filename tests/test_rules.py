@@ -115,6 +115,29 @@ def test_builtin_catalog_compiles_entirely_in_hyperscan() -> None:
     assert scanner._python_rules == [], [catalog()[i].id for i in scanner._python_rules]
 
 
+def test_long_bounded_repeats_are_open_ended_only_in_the_end_database() -> None:
+    from aws_masker.scanner import LONG_REPEAT, _end_pattern, _long_repeats_unbounded
+
+    assert LONG_REPEAT == 16
+    assert _long_repeats_unbounded(rb"x[\w-]{2,1224}y{1,15}z{16,16}") == rb"x[\w-]{2,}y{1,15}z{16,}"
+    # escapes and classes are left alone: a literal brace, a brace inside a class
+    assert _long_repeats_unbounded(rb"\{1,99\}[{1,99}]a{0,99}") == rb"\{1,99\}[{1,99}]a{0,}"
+    assert _long_repeats_unbounded(rb"a{32}b{3,}") == rb"a{32}b{3,}"  # exact and open repeats stay
+    assert _end_pattern(rb"--external-id (?P<x>[\w+=,.@:/-]{2,1224})(?![\w])", 1024)[0] == \
+        rb"--external-id (?P<x>[\w+=,.@:/-]{2,})"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_values_longer_than_the_old_bound_are_not_taken_and_shorter_ones_are(engine: str) -> None:
+    # The end database reports ends past a long repeat's bound now; the rule's regex still decides.
+    scanner = Scanner(catalog(), engine)
+    ok = b"aws sts assume-role --external-id " + b"e" * 1224 + b" --role-session-name jdoe-1\n"
+    too_long = b"aws sts assume-role --external-id " + b"e" * 1225 + b"\n"
+    kinds = [h[2] for h in scanner.scan(ok)]
+    assert kinds == ["EXTERNAL_ID", "IAM_SESSION"], kinds
+    assert [h[2] for h in scanner.scan(too_long)] == []
+
+
 _RSS_OF_A_FRESH_CATALOG = """
 import sys
 def rss():
