@@ -110,6 +110,13 @@ def test_text_glued_before_an_identifier_that_reads_as_part_of_its_placeholder_i
     both = {b"AWS_ARN_AWS_MARKETPLACE_0001": b"arn:aws:aws-marketplace:x", b"AWS_MARKETPLACE_0001": b"m"}
     assert restore_bytes(b"(AWS_ARN_AWS_MARKETPLACE_0001)", both)[0] == b"(arn:aws:aws-marketplace:x)"
     assert restore_bytes(b"AWS_AWS_UNKNOWN_0001", mapping) == (b"AWS_AWS_UNKNOWN_0001", 0)
+    # glued text that does not end in "_": a stream cut after "AWS_AW" restores the placeholder, so the
+    # whole reply does too (the same reply, however it is cut)
+    one = {b"AWS_ACCOUNT_0001": b"111122223333"}
+    assert restore_bytes(b"AWS_AWAWS_ACCOUNT_0001 AWS_XY9AWS_ACCOUNT_0001", one) == \
+        (b"AWS_AW111122223333 AWS_XY9111122223333", 2)
+    # ... but not where the number goes on
+    assert restore_bytes(b"AWS_AWAWS_ACCOUNT_00012", one) == (b"AWS_AWAWS_ACCOUNT_00012", 0)
 
 
 def test_text_without_identifiers_is_returned_unchanged() -> None:

@@ -68,7 +68,7 @@ TEXT_TEMPLATE = (
     "Instances: {o4},{o5}; back to back: {o0}{o1}. Keys: {o6} / {o7}.\n"
     'The secret is "{o8}". Accounts {acct100}, {acct1000} and {acct10000} differ.\n'
     "Unknown tokens stay: AWS_ACCOUNT_9999, AWS_ACCOUNT_10001, AWS_, AWS_ACCOUNT_, AWS_EC2_INSTANCE_00.\n"
-    "Glued before a placeholder: AWS_{o4}, MY_AWS_X_{o5} and AWS_AWS_{o0}.\n"
+    "Glued before a placeholder: AWS_{o4}, MY_AWS_X_{o5}, AWS_AW{o0} and AWS_AWS_{o0}.\n"
     "Almost-placeholders: AWS_ACCOUNT_000 then A, AW, AWS and a trailing {o4}"
 )
 THINKING_TEMPLATE = "The user asks about {o0}; I should describe {o4} in {o2}. Also {acct1000}."
@@ -121,7 +121,7 @@ SHORT = Content(
 
 
 def test_fixture_sanity() -> None:
-    assert MASKED_TEXT != ORIG_TEXT and ORIG_TEXT.count("AWS_") == 6 + 4  # unknown / partial / glued
+    assert MASKED_TEXT != ORIG_TEXT and ORIG_TEXT.count("AWS_") == 6 + 5  # unknown / partial / glued
     # restore_bytes of the whole text is the reference the streamed result has to match
     assert restore_bytes(MASKED_TEXT.encode(), MAPPING)[0].decode() == ORIG_TEXT
     assert json.loads(ORIG_TOOL) == tool_input(True)

@@ -6,7 +6,7 @@
   ``AWS_ACCOUNT_100`` followed by ``0``;
 * text glued before a placeholder that reads as part of it (``AWS_`` in ``AWS_i-0abc…``, masked as
   ``AWS_AWS_EC2_INSTANCE_0001``) is set apart again on restore: a token that is not a known placeholder but
-  ends in one (after a ``_``) is restored as its start plus that placeholder's original;
+  ends in one is restored as its start plus that placeholder's original;
 * the number is a per-kind counter kept by the store, so nothing about the original can be derived from it.
 """
 
@@ -52,13 +52,14 @@ def json_escape(original: bytes) -> bytes:
 
 
 def glued_suffixes(token: bytes) -> list[bytes]:
-    """The placeholders ``token`` could end in, longest first: its tails that start after a ``_`` with
-    ``AWS_`` (``AWS_AWS_EC2_INSTANCE_0001`` -> ``AWS_EC2_INSTANCE_0001``)."""
+    """The placeholders ``token`` could end in, longest first: its tails that start with ``AWS_``
+    (``AWS_AWS_EC2_INSTANCE_0001`` -> ``AWS_EC2_INSTANCE_0001``; also ``AWS_XAWS_EC2_INSTANCE_0001``: a
+    stream cut after ``AWS_X`` restores that placeholder, so the whole reply must too)."""
     out = []
-    i = token.find(b"_AWS_", 3)
+    i = token.find(PREFIX, 1)
     while i >= 0:
-        out.append(token[i + 1:])
-        i = token.find(b"_AWS_", i + 1)
+        out.append(token[i:])
+        i = token.find(PREFIX, i + 1)
     return out
 
 
@@ -94,7 +95,7 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes]
     parts = _TOKEN_SPLIT.split(data)
     tokens = parts[1::2]
     known = [t for t in tokens if t in mapping]
-    if len(known) < len(tokens) and data.find(b"_AWS_") >= 0:  # text glued before a placeholder?
+    if len(known) < len(tokens):  # text glued before a placeholder?
         glued = {t: g for t in tokens if t not in mapping and (g := glued_split(t, mapping)) is not None}
         if glued:
             for k, t in enumerate(tokens):
