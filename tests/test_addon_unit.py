@@ -162,6 +162,7 @@ def test_store_unavailable_blocked_with_503_or_forwarded_when_fail_open(masker) 
 @pytest.mark.parametrize(("option", "value", "needle"), [
     ("masker_env", "staging", "masker_env: 'staging'"),
     ("masker_max_body", 0, "masker_max_body: 0"),
+    ("masker_redis_remember", -1, "masker_redis_remember: -1"),
     ("masker_hosts", ["api.anthropic.com", "bad:host:"], "masker_hosts"),
 ])
 def test_bad_options_name_option_and_value(masker, option, value, needle) -> None:

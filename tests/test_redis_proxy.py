@@ -123,7 +123,9 @@ class Proxies:
 
 @pytest.fixture(scope="module")
 def proxies(start_proxy_module, fake_upstream_module, redis_srv, key_file) -> Proxies:
-    common = masker_options(fake_upstream_module, masker_redis_url=redis_srv.url)
+    # These tests check what Redis holds after each request, with Redis flushed between tests (as if it lost
+    # its data): the proxies ask Redis every time. What a proxy remembers is tested with the fault proxy.
+    common = masker_options(fake_upstream_module, masker_redis_url=redis_srv.url, masker_redis_remember=0)
     configs = [
         dict(common, masker_ttl=TTL_AB, masker_env="development"),
         dict(common, masker_ttl=TTL_AB),
@@ -407,6 +409,32 @@ def test_redis_client_pause_fails_fast_then_recovers(fault, fake_upstream) -> No
     assert_fails_closed(fault, fake_upstream, "redis timeout")
     took = wait_until_ok(fault, fake_upstream)
     assert time.monotonic() - paused_at < 2.5 + RECOVER_S, took
+    assert_logs_clean([fault.proxy], SENT)
+
+
+def test_a_proxy_remembers_mappings_no_round_trip_and_masks_while_redis_is_down(fault, fake_upstream) -> None:
+    """A conversation resends its identifiers every turn: the proxy (masker_redis_remember, 60 s by default)
+    answers the mappings it got from Redis without asking again, so such a request costs no round trip and
+    is masked even while Redis is down; a new identifier still needs Redis (503 without it)."""
+    fault.srv.start()
+    wait_until_ok(fault, fake_upstream)
+    ids = fresh_ids(5)
+    text = "turn: " + " ".join(ids)
+    first = masked_via(fault.proxy, fake_upstream, text)
+    assert len(set(tokens(first))) == 5
+
+    def scripts_run() -> int:
+        with fault.srv.client() as c:
+            return int(c.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = scripts_run()
+    assert masked_via(fault.proxy, fake_upstream, text) == first
+    assert scripts_run() == before, "a request of remembered identifiers went to Redis"
+    fault.srv.stop()
+    assert masked_via(fault.proxy, fake_upstream, text) == first
+    assert_fails_closed(fault, fake_upstream)  # a fresh identifier
+    fault.srv.start()
+    wait_until_ok(fault, fake_upstream)
     assert_logs_clean([fault.proxy], SENT)
 
 

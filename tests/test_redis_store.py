@@ -36,8 +36,11 @@ def ns() -> str:
 
 def store(srv: RedisServer | str, ns: str, secret: str = SECRET, encrypt: bool = True,
           previous: tuple[str, ...] = (), **kw: Any) -> RedisStore:
+    """A store that asks Redis for every call (most tests check what Redis holds and does); what a store
+    remembers between calls is tested in its own section (remember=...)."""
     url = srv if isinstance(srv, str) else srv.url
     h, e = keys_from_secret(secret)
+    kw.setdefault("remember", 0)
     return RedisStore.from_url(url, ns, hmac_key=h, enc_key=e if encrypt else None,
                                previous_keys=[keys_from_secret(p) for p in previous], **kw)
 
@@ -378,6 +381,89 @@ def test_keys_from_secret_and_load_store_key(tmp_path: Any) -> None:
     f.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         load_store_key(str(f))
+
+
+# -- what a proxy remembers ----------------------------------------------------------------------------------
+
+def _client_commands(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if "[0 lua]" not in ln]
+
+
+def test_remembered_mappings_need_no_round_trip(server: RedisServer, ns: str) -> None:
+    async def body(s: RedisStore, other: RedisStore) -> None:
+        await s.ping()
+        first = await s.placeholders_for(accounts(100))
+        with server.monitor() as lines:
+            again = await s.placeholders_for(list(reversed(accounts(100))))
+        assert again == list(reversed(first))
+        assert _client_commands(lines) == []  # a conversation's next turn: nothing new, no round trip
+        new = accounts(1, base=700000000000)
+        with server.monitor() as lines:
+            mixed = await s.placeholders_for(accounts(50) + new)
+        client = _client_commands(lines)
+        assert len(client) == 1 and '"evalsha"' in client[0].lower()  # only the new one is asked
+        assert mixed[:50] == first[:50] and mixed[50] == format_placeholder("ACCOUNT", 101)
+        # another proxy of the namespace gets the same placeholders from Redis
+        assert await other.placeholders_for(accounts(50) + new) == mixed
+
+    run(with_stores(2, lambda: store(server, ns, remember=60), body))
+
+
+def test_a_remembered_mapping_is_asked_again_after_remember_seconds(server: RedisServer, ns: str) -> None:
+    clock = [1000.0]
+
+    async def body(s: RedisStore) -> None:
+        s._now = lambda: clock[0]
+        out = await s.placeholders_for(ORIGINALS)
+        keys = [k for k in ns_keys(server, ns) if b":ctr:" not in k]
+        with server.client() as c:
+            for k in keys:
+                c.expire(k, 500)
+            clock[0] += 29
+            assert await s.placeholders_for(ORIGINALS) == out
+            assert all(c.ttl(k) <= 500 for k in keys)  # answered from memory: Redis untouched
+            clock[0] += 2  # 31 s after Redis last answered: asked again, which refreshes the TTLs
+            with server.monitor() as lines:
+                assert await s.placeholders_for(ORIGINALS) == out
+            assert len(_client_commands(lines)) == 1
+            assert all(c.ttl(k) > 900 for k in keys)
+
+    run(with_stores(1, lambda: store(server, ns, ttl=1000, remember=30), body))
+
+
+def test_remembered_mappings_mask_while_redis_is_down_new_ones_fail_closed(own_server: RedisServer,
+                                                                          ns: str) -> None:
+    async def body(s: RedisStore) -> None:
+        out = await s.placeholders_for(ORIGINALS)
+        own_server.stop()
+        assert await s.placeholders_for(ORIGINALS[1:]) == out[1:]
+        with pytest.raises(StoreUnavailable) as ei:
+            await s.placeholders_for(ORIGINALS[:1] + accounts(1, base=800000000000))
+        _assert_clean_reason(ei.value)
+
+    run(with_stores(1, lambda: store(own_server, ns, remember=60), body))
+
+
+def test_what_a_store_remembers_is_bounded(server: RedisServer, ns: str) -> None:
+    async def body(s: RedisStore) -> None:
+        await s.ping()
+        first = await s.placeholders_for(accounts(5))
+        assert len(s._remembered) == 3
+        with server.monitor() as lines:
+            assert await s.placeholders_for(accounts(5)[2:]) == first[2:]  # the newest three
+        assert _client_commands(lines) == []
+        with server.monitor() as lines:
+            assert await s.placeholders_for(accounts(5)[:1]) == first[:1]  # forgotten: asked again
+        assert len(_client_commands(lines)) == 1
+
+    run(with_stores(1, lambda: store(server, ns, remember=60, remember_entries=3), body))
+
+
+def test_remember_is_at_most_half_the_ttl_and_never_negative(server: RedisServer, ns: str) -> None:
+    s = store(server, ns, ttl=10, remember=60)
+    assert s.remember == 5
+    with pytest.raises(ValueError, match="remember"):
+        store(server, ns, remember=-1)
 
 
 # -- failures ------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ SCOPES = ("request", "namespace")
 EVENT_OPTIONS = {"masker_events_channel", "masker_events_stream", "masker_events_stream_maxlen",
                  "masker_event_sample_rate", "masker_event_batch_size", "masker_event_flush_ms"}
 STORE_OPTIONS = {"masker_store", "masker_redis_url", "masker_namespace", "masker_ttl", "masker_max_entries",
+                 "masker_redis_remember",
                  "masker_store_key", "masker_store_old_keys"}
 
 
@@ -231,7 +232,14 @@ class AwsMasker:
         )
         loader.add_option(
             "masker_max_entries", int, 100000,
-            "Most mappings the memory store keeps (least recently used go first).",
+            "Most mappings the memory store keeps (least recently used go first); also the most a proxy "
+            "using Redis remembers (see masker_redis_remember).",
+        )
+        loader.add_option(
+            "masker_redis_remember", int, 60,
+            "Seconds a proxy using the Redis store answers a mapping it got from Redis without asking "
+            "again (a conversation sends the same identifiers every turn); then it asks again, which "
+            "refreshes the mapping's TTL in Redis. 0: ask Redis for every request.",
         )
         loader.add_option(
             "masker_store_key", str, "",
@@ -356,6 +364,9 @@ class AwsMasker:
         for name in ("masker_ttl", "masker_max_entries"):
             if getattr(opts, name) < 1:
                 raise exceptions.OptionsError(f"{name}: {getattr(opts, name)} must be at least 1")
+        if opts.masker_redis_remember < 0:
+            raise exceptions.OptionsError(
+                f"masker_redis_remember: {opts.masker_redis_remember} must be 0 (off) or more seconds")
         if not first and not updated & STORE_OPTIONS:
             return
         kind = opts.masker_store
@@ -411,7 +422,8 @@ class AwsMasker:
         self._redis_client()
         try:
             return RedisStore(self.redis, opts.masker_namespace, opts.masker_ttl, hmac_key=hmac_key,
-                              enc_key=enc_key, previous_keys=previous)
+                              enc_key=enc_key, previous_keys=previous, remember=opts.masker_redis_remember,
+                              remember_entries=opts.masker_max_entries)
         except ValueError as e:
             raise exceptions.OptionsError(f"masker_namespace: {opts.masker_namespace!r}: {e}") from None
 

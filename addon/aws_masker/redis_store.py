@@ -13,6 +13,11 @@ Layout (``ns`` is the namespace, ``aws-masker`` by default)::
   identifier at the same moment agree on one placeholder, and a request costs ONE round trip whatever
   its size (batches above ``chunk_size`` items are several script calls sent in one pipeline). The items
   travel as one length-prefixed argument, not as hundreds of keys and arguments.
+* Each proxy remembers the mappings it got in the last ``remember`` seconds (60 by default) and answers
+  them without a round trip: a mapping never changes while it lives, and a conversation sends the same
+  identifiers every turn. A remembered item is asked again after ``remember`` seconds, which refreshes its
+  TTL in Redis, so a mapping in use lives at least ``ttl - remember`` seconds after its last use. A request
+  whose identifiers are all remembered is masked even while Redis is down.
 * Counters have no TTL on purpose: a counter that expired or was reset would hand out numbers again,
   and a number still present in a conversation would then be restored to another original. They are a
   few bytes per kind. Run Redis with ``maxmemory-policy noeviction`` or a ``volatile-*`` policy (every
@@ -79,6 +84,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "aws-masker"
 DEFAULT_TTL = 604_800
+DEFAULT_REMEMBER = 60  # seconds a proxy answers a mapping it got from Redis without asking again
 CHUNK_SIZE = 1000
 MIN_SECRET_LEN = 16
 
@@ -310,7 +316,8 @@ class RedisStore:
     def __init__(self, client_or_pool: Redis | ConnectionPool, namespace: str = DEFAULT_NAMESPACE,
                  ttl: int = DEFAULT_TTL, *, hmac_key: bytes | None, enc_key: bytes | None = None,
                  previous_keys: Sequence[tuple[bytes, bytes | None]] = (), chunk_size: int = CHUNK_SIZE,
-                 owns_client: bool = False) -> None:
+                 owns_client: bool = False, remember: float = DEFAULT_REMEMBER,
+                 remember_entries: int = 100_000) -> None:
         if isinstance(client_or_pool, ConnectionPool):
             self.client = Redis(connection_pool=client_or_pool)  # does not close the shared pool
             self._owns_client = True
@@ -325,6 +332,8 @@ class RedisStore:
             raise ValueError("ttl must be at least 1 second")
         if hmac_key is not None and len(hmac_key) < 16:
             raise ValueError("hmac_key too short")
+        if remember < 0 or remember_entries < 1:
+            raise ValueError("remember must be at least 0 seconds and remember_entries at least 1")
         self.namespace = namespace
         self.ttl = int(ttl)
         self.chunk_size = max(1, chunk_size)
@@ -337,15 +346,25 @@ class RedisStore:
                 self._hmac_keys.append(h)
         self._sealer = _Sealer(enc_key, [e for _, e in previous_keys if e is not None])
         self._shared_key: bytes | None = None  # the generated key read from Redis, re-published by the script
+        # Mappings this proxy got from Redis in the last ``remember`` seconds, oldest first: a mapping never
+        # changes while it lives, so they are answered without a round trip (a conversation resends its
+        # identifiers every turn). After ``remember`` seconds an item is asked again, which refreshes its TTL
+        # in Redis: each proxy refreshes a mapping it keeps using at least that often.
+        self.remember = min(float(remember), self.ttl / 2)
+        self._remember_entries = remember_entries
+        self._remembered: dict[tuple[str, bytes], tuple[bytes, float]] = {}
+        self._now = time.monotonic
 
     @classmethod
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, ttl: int = DEFAULT_TTL, *,
                  hmac_key: bytes | None, enc_key: bytes | None = None,
                  previous_keys: Sequence[tuple[bytes, bytes | None]] = (), chunk_size: int = CHUNK_SIZE,
+                 remember: float = DEFAULT_REMEMBER, remember_entries: int = 100_000,
                  **client_kwargs: Any) -> RedisStore:
         """A store with its own client, closed by ``close()``; ``client_kwargs`` go to ``make_redis_pool``."""
         return cls(make_redis_client(url, **client_kwargs), namespace, ttl, hmac_key=hmac_key,
-                   enc_key=enc_key, previous_keys=previous_keys, chunk_size=chunk_size, owns_client=True)
+                   enc_key=enc_key, previous_keys=previous_keys, chunk_size=chunk_size, owns_client=True,
+                   remember=remember, remember_entries=remember_entries)
 
     # -- key material ---------------------------------------------------------------------------------
     def forward_key(self, kind: str, original: bytes, hmac_key: bytes | None = None) -> str:
@@ -381,6 +400,35 @@ class RedisStore:
                                avoid: Collection[bytes] = ()) -> list[bytes]:
         if not items:
             return []
+        if self.remember <= 0:
+            return await self._lookup_or_mint(items, avoid)
+        now = self._now()
+        remembered = self._remembered
+        horizon = now - self.remember
+        while remembered:  # forget what is too old to answer (oldest first: dicts keep insertion order)
+            first = next(iter(remembered))
+            if remembered[first][1] > horizon:
+                break
+            del remembered[first]
+        found = [remembered.get(item) for item in items]
+        missing = [item for item, hit in zip(items, found, strict=True) if hit is None]
+        if not missing:
+            return [hit[0] for hit in found]  # type: ignore[index]
+        fetched = iter(await self._lookup_or_mint(missing, avoid))
+        out = []
+        for item, hit in zip(items, found, strict=True):
+            if hit is None:
+                placeholder = next(fetched)
+                remembered[item] = (placeholder, now)
+            else:
+                placeholder = hit[0]
+            out.append(placeholder)
+        while len(remembered) > self._remember_entries:
+            del remembered[next(iter(remembered))]
+        return out
+
+    async def _lookup_or_mint(self, items: Sequence[tuple[str, bytes]],
+                              avoid: Collection[bytes]) -> list[bytes]:
         avoiding = b" ".join(p for p in avoid if TOKEN_RE.fullmatch(p))
         if not self._hmac_keys:
             await self._shared_hmac_key()
