@@ -288,8 +288,13 @@ class BodyMasker:
         """Hits in the cells of the tables ``data`` holds, each cell read after the field name its header
         row (or its key/value row) gives it (see tables.py); only hits inside a cell's value count.
         Remembered: reading a table costs ~40 ns a byte (twice its scan), and a conversation sends the same
-        tool results again with every turn."""
-        key = data if len(data) < 512 else hashlib.blake2b(data, digest_size=16).digest()
+        tool results again with every turn; a text that only has a "|" and a "+---" is not hashed for it."""
+        if len(data) < 512:
+            key = data
+        elif tables.holds(data):
+            key = hashlib.blake2b(data, digest_size=16).digest()
+        else:
+            return []
         found = self._tables_seen.get(key)
         if found is not None:
             return found

@@ -65,6 +65,16 @@ def _plus_dashes(data: bytes) -> bool:
     return _PLUS_DASHES.search(data, i) is not None
 
 
+def holds(data: bytes) -> bool:
+    """Whether ``data`` holds a table: a line break with a row under it (a regex search, no rows read)."""
+    pos = 0
+    while (b := _BREAK.search(data, pos)) is not None:
+        if _RUN.match(data, data.rfind(b"\n", 0, b.start()) + 1) is not None:
+            return True
+        pos = b.end()
+    return False
+
+
 def read(data: bytes) -> View | None:
     """The tables in ``data`` written as JSON objects and key/value rows, with where each value came from;
     None when ``data`` holds none."""
