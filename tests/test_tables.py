@@ -360,7 +360,7 @@ def test_a_row_cut_short_and_a_table_without_its_last_line() -> None:
 def test_text_without_a_table_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """A text without a "|" and a "+---" costs two memchr-like checks; the reader never runs (nor for a long
     text with no line break that has a row under it)."""
-    def boom(data: bytes) -> None:
+    def boom(data: bytes, start: int = 0) -> None:
         raise AssertionError("read")
 
     monkeypatch.setattr(tables, "read", boom)
@@ -378,9 +378,9 @@ def test_read_tables_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = tables.read
 
-    def counting(data: bytes) -> tables.View | None:
+    def counting(data: bytes, start: int = 0) -> tables.View | None:
         calls.append(data)
-        return real(data)
+        return real(data, start)
 
     monkeypatch.setattr(tables, "read", counting)
     for _ in range(3):

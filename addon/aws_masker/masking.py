@@ -215,9 +215,9 @@ class BodyMasker:
         if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
             alt = self._glued.sub(b" ", data)  # same length
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
-        if 0x7C in data and tables.may_hold(data):  # "|": the cells of a table, read after their header
+        if 0x7C in data and (at := tables.find(data)) >= 0:  # "|", "+---": cells read after their header
             alt = _BLANKS.sub(_blank, data) if 0x1B in data or 0xC2 in data or 0xE2 in data else data
-            found += [(h, (h[2], data[h[0]:h[1]])) for h in self._table_hits(alt) if h not in have]
+            found += [(h, (h[2], data[h[0]:h[1]])) for h in self._table_hits(alt, at) if h not in have]
         if not found:
             return hits, keys
         return _merge([*zip(hits, keys, strict=True), *found])
@@ -269,8 +269,8 @@ class BodyMasker:
         found = self.scanner.remembered(views[0])[0]
         if len(views) > 1:  # also with glued underscores as spaces: both views' hits, merged
             found = _merge([(h, (h[2], b"")) for v in views for h in self.scanner.remembered(v)[0]])[0]
-        if tables.may_hold(decoded):  # a table in a JSON string: its cells, read after their header
-            found = [*found, *self._table_hits(views[0])]
+        if (at := tables.find(decoded)) >= 0:  # a table in a JSON string: cells read after their header
+            found = [*found, *self._table_hits(views[0], at)]
         out = []
         for h in found:
             s, e = h[0], h[1]
@@ -284,27 +284,30 @@ class BodyMasker:
                 out.append((hit, (h[2], data[s:e])))
         return out
 
-    def _table_hits(self, data: bytes) -> list[Hit]:
-        """Hits in the cells of the tables ``data`` holds, each cell read after the field name its header
-        row (or its key/value row) gives it (see tables.py); only hits inside a cell's value count.
-        Remembered: reading a table costs ~40 ns a byte (twice its scan), and a conversation sends the same
-        tool results again with every turn; a text that only has a "|" and a "+---" is not hashed for it."""
+    def _table_hits(self, data: bytes, at: int) -> list[Hit]:
+        """Hits in the cells of the tables ``data`` holds from ``at`` (its first "+---") on, each cell read
+        after the field name its header row (or its key/value row) gives it (see tables.py); only hits
+        inside a cell's value count. Remembered: reading a table costs ~40 ns a byte (twice its scan), and a
+        conversation sends the same tool results again with every turn. By the text from the line of ``at``
+        on, and where that line starts (all the reader reads); a text with no line break that has a row
+        under it is not hashed for it (hashing costs ~1-2 ms a MiB: more than looking)."""
         if len(data) < 512:
             key = data
-        elif tables.holds(data):
-            key = hashlib.blake2b(data, digest_size=16).digest()
+        elif tables.holds(data, at):
+            line = data.rfind(b"\n", 0, at) + 1
+            key = b"%d:" % line + hashlib.blake2b(memoryview(data)[line:], digest_size=16).digest()
         else:
             return []
         found = self._tables_seen.get(key)
         if found is not None:
             return found
         found = []
-        view = tables.read(data)
+        view = tables.read(data, at)
         if view is not None:
             for h in self.scanner.remembered(view[0])[0]:
-                at = tables.inside(view, h[0], h[1])
-                if at is not None:
-                    found.append(Hit(at, at + h[1] - h[0], h[2], h[3]))
+                cell = tables.inside(view, h[0], h[1])
+                if cell is not None:
+                    found.append(Hit(cell, cell + h[1] - h[0], h[2], h[3]))
         if len(self._tables_seen) >= TABLES_ENTRIES:
             self._tables_seen.clear()  # refills with what still comes
         if len(found) <= UNESCAPED_HITS_MAX:  # memory stays bounded (the scanner keeps the view's scan)

@@ -50,24 +50,28 @@ View = tuple[bytes, list[int], list[int], list[int]]
 def may_hold(data: bytes) -> bool:
     """Whether ``data`` may hold a table: a ``|`` and the ``+---`` of a line break (cheap: most text has
     neither)."""
-    return 0x7C in data and _plus_dashes(data)
+    return find(data) >= 0
 
 
-def _plus_dashes(data: bytes) -> bool:
-    """Whether ``data`` holds ``+---``. Looks from ``+`` to ``+`` (memchr) while there are few; a text of
-    many (base64, a diff) is searched by a regex (bytes.find of a few bytes costs ~1 ms a MiB of text full of
-    ``-``; the regex a quarter of that)."""
+def find(data: bytes) -> int:
+    """Where the first ``+---`` of ``data`` is if it has a ``|`` too (where its first table may start), or
+    -1. Looks from ``+`` to ``+`` (memchr) while there are few; a text of many (base64, a diff) is searched
+    by a regex (bytes.find of a few bytes costs ~1 ms a MiB of text full of ``-``; the regex a quarter)."""
+    if 0x7C not in data:
+        return -1
     i = data.find(0x2B)
     for _ in range(64):
         if i < 0 or data[i + 1:i + 4] == b"---":
-            return i >= 0
+            return i
         i = data.find(0x2B, i + 1)
-    return _PLUS_DASHES.search(data, i) is not None
+    m = _PLUS_DASHES.search(data, i)
+    return -1 if m is None else m.start()
 
 
-def holds(data: bytes) -> bool:
-    """Whether ``data`` holds a table: a line break with a row under it (a regex search, no rows read)."""
-    pos = 0
+def holds(data: bytes, start: int = 0) -> bool:
+    """Whether ``data`` holds a table from ``start`` on: a line break with a row under it (a regex search,
+    no rows read)."""
+    pos = start
     while (b := _BREAK.search(data, pos)) is not None:
         if _RUN.match(data, data.rfind(b"\n", 0, b.start()) + 1) is not None:
             return True
@@ -75,10 +79,10 @@ def holds(data: bytes) -> bool:
     return False
 
 
-def read(data: bytes) -> View | None:
-    """The tables in ``data`` written as JSON objects and key/value rows, with where each value came from;
-    None when ``data`` holds none."""
-    runs = _runs(data)
+def read(data: bytes, start: int = 0) -> View | None:
+    """The tables in ``data`` from ``start`` on (from the line it is in), written as JSON objects and
+    key/value rows, with where each value came from; None when it holds none."""
+    runs = _runs(data, start)
     objects: list[tuple[Fields, bool]] = []  # (fields, also as key/value rows)
     for k, (start, _, depth, rows) in enumerate(runs):
         header = _header(runs[k - 1], start, depth) if k else None
@@ -101,11 +105,11 @@ def _header(before: Run, start: int, depth: int) -> Row | None:
     return None
 
 
-def _runs(data: bytes) -> list[Run]:
-    """Each line break in ``data`` with the rows under it (breaks without a whole row under them are left
-    out)."""
+def _runs(data: bytes, start: int) -> list[Run]:
+    """Each line break in ``data`` from ``start`` on with the rows under it (breaks without a whole row under
+    them are left out)."""
     runs = []
-    pos = 0
+    pos = start
     while (b := _BREAK.search(data, pos)) is not None:
         m = _RUN.match(data, data.rfind(b"\n", 0, b.start()) + 1)  # from the start of its line
         if m is None:  # text before the "+---" on its line, or no row under it
