@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -337,17 +338,20 @@ def test_empty_cells_and_cells_wider_than_their_column() -> None:
     assert "123456789012" in out
 
 
-def test_a_value_holding_a_bar_is_split_at_the_columns_of_the_line_break() -> None:
+@pytest.mark.parametrize("bars", ["", "||"])
+def test_a_value_holding_a_bar_is_split_at_the_columns_of_the_line_break(bars: str) -> None:
     text = """\
 +---------------+------------------------+
 |    OwnerId    |      Description       |
 +---------------+------------------------+
 |  111122223333 |  blue | green deploy   |
 |  444455556666 |  plain                 |
+|  777788889999 |  too | wide for its column |
 +---------------+------------------------+
 """
+    text = "".join(bars + line + bars + "\n" for line in text.splitlines())
     masked, out = masked_text(text)
-    assert masked == {"111122223333", "444455556666"}
+    assert masked == {"111122223333", "444455556666"}  # a row that fits neither way is not read
     assert "blue | green deploy" in out
 
 
@@ -441,3 +445,15 @@ def test_property_tables_restore_exactly_and_keep_their_structure(table: tuple[s
     masked, out = masked_text(text)  # restore, and the bounds of every hit, are checked there
     assert [line.count("|") for line in out.splitlines()] == [line.count("|") for line in text.splitlines()]
     assert accounts <= masked
+
+
+@pytest.mark.parametrize("text", [
+    b"|" + b"+---" * 100_000 + b"x",  # a regex search for a line break tried each "+---" to the line's end
+    b"+----+\n|a" + b" " * 400_000 + b"b|\n",  # a lazy regex for a cell tried each blank to the "|"
+    b"+" + b"-" * 100_000 + b"+\n" + (b"|" + b" " * 100_000 + b"|\n") * 3 + b"| 1 | 2 |\n",
+])
+def test_the_reader_takes_linear_time(text: bytes) -> None:
+    start = time.perf_counter()
+    tables.read(text)
+    MASKER.plan(text, "text/plain")
+    assert time.perf_counter() - start < 2  # was minutes for the first two

@@ -34,9 +34,7 @@ from itertools import pairwise
 # that are as deep (group 2): as many pipes, one more, then the first cell (a pipe there: a deeper row).
 _RUN = re.compile(rb"[ \t]*(\|*)\+-[-+]*\+\|*[ \t]*\r?(?:\n|\Z)"
                   rb"((?:[ \t]*\1\|[^|\r\n][^\r\n]*(?:\r?\n|\Z))+)")
-_BREAK = re.compile(rb"[+]---[-+]*[+]\|*[ \t]*\r?(?:\n|\Z)")  # how a line break ends
-_PLUS_DASHES = re.compile(rb"[+]---")
-_CELL = re.compile(rb"[ \t]*([^|]*?)[ \t]*\|")  # a cell's value without its padding, then its "|"
+_PLUS_DASHES = re.compile(rb"[+]---")  # in a line break (a regex: see find)
 
 Cell = tuple[int, int]  # a cell's value (without its padding) as a span of the text; empty: start == end
 Row = list[Cell]
@@ -69,14 +67,23 @@ def find(data: bytes) -> int:
 
 
 def holds(data: bytes, start: int = 0) -> bool:
-    """Whether ``data`` holds a table from ``start`` on: a line break with a row under it (a regex search,
-    no rows read)."""
-    pos = start
-    while (b := _BREAK.search(data, pos)) is not None:
-        if _RUN.match(data, data.rfind(b"\n", 0, b.start()) + 1) is not None:
-            return True
-        pos = b.end()
-    return False
+    """Whether ``data`` holds a table from ``start`` on: a line break with a row under it (no rows read)."""
+    return _next_run(data, start) is not None
+
+
+def _next_run(data: bytes, pos: int) -> re.Match[bytes] | None:
+    """The next line break from ``pos`` on with the rows under it (``_RUN``). A line with a ``+---`` that is
+    no line break is passed whole: each line is looked at once (a regex search for the break itself would
+    try each ``+---`` of a long line of them to its end)."""
+    while (m := _PLUS_DASHES.search(data, pos)) is not None:
+        at = m.start()
+        run = _RUN.match(data, data.rfind(b"\n", 0, at) + 1)  # from the start of its line
+        if run is not None:
+            return run
+        pos = data.find(b"\n", at) + 1
+        if pos == 0:
+            break
+    return None
 
 
 def read(data: bytes, start: int = 0) -> View | None:
@@ -110,11 +117,7 @@ def _runs(data: bytes, start: int) -> list[Run]:
     them are left out)."""
     runs = []
     pos = start
-    while (b := _BREAK.search(data, pos)) is not None:
-        m = _RUN.match(data, data.rfind(b"\n", 0, b.start()) + 1)  # from the start of its line
-        if m is None:  # text before the "+---" on its line, or no row under it
-            pos = b.end()
-            continue
+    while (m := _next_run(data, pos)) is not None:
         pos = m.end()
         depth = len(m.group(1))
         rows = _rows(data, m.start(), m.start(2), pos, depth)
@@ -128,6 +131,7 @@ def _rows(data: bytes, start: int, first: int, end: int, depth: int) -> list[Row
     a whole row is left out."""
     line_break = data[start:first].rstrip()
     columns = line_break.count(b"+") - 1
+    bars: list[int] | None = None  # where the break has its "+"
     rows = []
     pos = first
     while pos < end:
@@ -135,7 +139,9 @@ def _rows(data: bytes, start: int, first: int, end: int, depth: int) -> list[Row
         stop = end if nl < 0 else nl + 1
         cells = _cells(data, pos, stop, depth)
         if cells is not None and len(cells) != columns:  # a "|" in a value: split at the break's columns
-            cells = _by_columns(data, pos, stop, line_break)
+            if bars is None:
+                bars = [i for i, c in enumerate(line_break) if c == 0x2B]
+            cells = _by_columns(data, pos, stop, bars, len(line_break))
         if cells is not None:
             rows.append(cells)
         pos = stop
@@ -146,21 +152,24 @@ def _cells(data: bytes, start: int, end: int, depth: int) -> Row | None:
     """The cells of the row line ``data[start:end]`` nested ``depth`` sections deep, without their padding;
     None when the line does not end in the pipes it starts with (a line cut short)."""
     line = data[start:end].rstrip()
-    lead = len(line) - len(line.lstrip(b" \t"))
-    edge = b"|" * (depth + 1)  # the pipes of the sections around it, then the row's own
-    if len(line) - lead < 2 * len(edge) or not line.endswith(edge):
+    row = line.lstrip(b" \t")
+    if len(row) < 2 * depth + 2 or not row.endswith(b"|" * (depth + 1)):  # the sections' pipes, its own
         return None
-    return [m.span(1) for m in _CELL.finditer(data, start + lead + len(edge), start + len(line) - depth)]
+    pos = start + len(line) - len(row) + depth + 1
+    cells = []
+    for value in row[depth + 1:len(row) - depth - 1].split(b"|"):  # between the row's own bars
+        text = value.strip(b" \t")
+        s = pos + value.find(text) if text else pos  # (the first non-blank byte starts it)
+        cells.append((s, s + len(text)))
+        pos += len(value) + 1
+    return cells
 
 
-def _by_columns(data: bytes, start: int, end: int, line_break: bytes) -> Row | None:
-    """The cells of the row line ``data[start:end]`` split where ``line_break`` (the break above it) has its
-    ``+``; None unless the line is as long and has a ``|`` at each of them."""
+def _by_columns(data: bytes, start: int, end: int, bars: list[int], width: int) -> Row | None:
+    """The cells of the row line ``data[start:end]`` split at ``bars``, where the break above it (``width``
+    bytes long) has its ``+``; None unless the line is as long and has a ``|`` at each of them."""
     line = data[start:end].rstrip()
-    if len(line) != len(line_break):
-        return None
-    bars = [i for i, c in enumerate(line_break) if c == 0x2B]
-    if any(line[i] != 0x7C for i in bars):
+    if len(line) != width or any(line[i] != 0x7C for i in bars):
         return None
     cells = []
     for left, right in pairwise(bars):
