@@ -91,8 +91,8 @@ def read(data: bytes, start: int = 0) -> View | None:
     key/value rows, with where each value came from; None when it holds none."""
     runs = _runs(data, start)
     objects: list[tuple[Fields, bool]] = []  # (fields, also as key/value rows)
-    for k, (start, _, depth, rows) in enumerate(runs):
-        header = _header(runs[k - 1], start, depth) if k else None
+    for k, (begin, _, depth, rows) in enumerate(runs):
+        header = _header(runs[k - 1], begin, depth) if k else None
         if header is not None and any(len(row) == len(header) for row in rows):
             names = [data[s:e] for s, e in header]
             objects += [([(n, c) for n, c in zip(names, row, strict=True) if n], True)
