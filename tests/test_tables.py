@@ -400,13 +400,16 @@ HEADERS = ["accountId", "OwnerId", "Size", "Name", "UserName", "Status", "Iops",
 VALUES = ["111122223333", "444455556666", "123456789012", "i-0a1b2c3d4e5f60718", "alice.admin", "ACTIVE",
           "", "a | b", "orders db", "10.0.1.23", "x"]
 ACCOUNT_HEADERS = {"accountId", "OwnerId"}
+NEUTRAL_HEADERS = {"Size", "Iops", "Status", "Description"}  # a 12-digit number under these: no account
+SIZE = "123456789012"
 
 
 @st.composite
-def aws_tables(draw: st.DrawFn) -> tuple[str, set[str]]:
+def aws_tables(draw: st.DrawFn) -> tuple[str, set[str], bool]:
     """A table as the AWS CLI draws one (a header row or key/value rows, nested, cells wider than their
-    column), with random line ends and indentation; and the account IDs it holds under an account header
-    (in a row that can be split into its cells)."""
+    column), with random line ends and indentation; the account IDs it holds under an account header (in a
+    row that can be split into its cells); and whether it holds SIZE only under headers naming no
+    account or name."""
     depth = draw(st.integers(0, 3))
     headers = draw(st.lists(st.sampled_from(HEADERS), min_size=1, max_size=4))
     rows = draw(st.lists(st.lists(st.sampled_from(VALUES), min_size=len(headers), max_size=len(headers)),
@@ -424,6 +427,7 @@ def aws_tables(draw: st.DrawFn) -> tuple[str, set[str]]:
             if "a | b" not in row or all(len(c) == w for c, w in zip(cells, widths, strict=True)):
                 accounts |= {v for h, v in zip(headers, row, strict=True) if h in ACCOUNT_HEADERS and
                              v.isdigit()}
+        pairs = [(h, v) for row in rows for h, v in zip(headers, row, strict=True)]
     else:  # key/value rows
         kw = max(map(len, headers)) + 4
         vw = max(len(v) for v in rows[0]) + 4
@@ -431,20 +435,23 @@ def aws_tables(draw: st.DrawFn) -> tuple[str, set[str]]:
         lines = [rule, *(f"{bars}|  {h:<{kw - 2}}|  {v:<{vw - 2}}|{bars}"
                          for h, v in zip(headers, rows[0], strict=True))]
         accounts = {v for h, v in zip(headers, rows[0], strict=True) if h in ACCOUNT_HEADERS and v.isdigit()}
+        pairs = list(zip(headers, rows[0], strict=True))
     lines.append(rule)
+    neutral = all(h in NEUTRAL_HEADERS for h, v in pairs if v == SIZE)
     indent = draw(st.sampled_from(["", "  ", "\t"]))
     end = draw(st.sampled_from(["\n", "\r\n"]))
     text = "prefix\n" + "".join(indent + line + end for line in lines) + draw(st.sampled_from(["", "tail"]))
-    return text, accounts
+    return text, accounts, neutral
 
 
 @settings(max_examples=300, deadline=None)
 @given(aws_tables())
-def test_property_tables_restore_exactly_and_keep_their_structure(table: tuple[str, set[str]]) -> None:
-    text, accounts = table
+def test_property_tables_restore_exactly_and_keep_their_structure(table: tuple[str, set[str], bool]) -> None:
+    text, accounts, neutral = table
     masked, out = masked_text(text)  # restore, and the bounds of every hit, are checked there
     assert [line.count("|") for line in out.splitlines()] == [line.count("|") for line in text.splitlines()]
     assert accounts <= masked
+    assert not neutral or SIZE not in masked
 
 
 @pytest.mark.parametrize("text", [
