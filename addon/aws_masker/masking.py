@@ -30,6 +30,11 @@ with both references and backslash escapes (a page's source JSON-encoded into a 
 Text sent as base64 (a ``text/plain`` document, a ``data:text/csv;base64,`` URL) is decoded, masked and
 encoded again; binary media types are not decoded.
 
+A cell of an AWS CLI ``--output table`` table is named by the header row above it, not by its own line
+(``||  111122223333 |`` under ``||   accountId   |``): text with a table (a ``|`` and a ``+---`` line break)
+is also read as the JSON objects and key/value rows its tables stand for (tables.py), and the hits inside the
+cells' values are mapped back to the table; a table in a JSON string is read with its escapes decoded.
+
 A body in a charset that does not write ASCII as ASCII bytes (UTF-16, UTF-32, EBCDIC) is decoded, masked as
 UTF-8 and encoded back; if its bytes read as they are also show identifiers, it is refused (UnreadableBody).
 
@@ -56,6 +61,7 @@ from itertools import accumulate, chain
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
+from . import tables
 from .placeholders import TOKEN_RE
 from .scanner import Hit, Scanner
 
@@ -136,6 +142,7 @@ CONTEXT_ENTRIES = 4096  # contexts of this many keys are remembered
 UNESCAPED_ENTRIES = 4096  # texts whose escapes were decoded and scanned, remembered with their hits
 UNESCAPED_HITS_MAX = 256  # ... if they have at most this many
 INLINE_ENTRIES = 4096  # short JSON values (with their key) whose hits are remembered (<= ~4.5 MB)
+TABLES_ENTRIES = 1024  # texts whose tables were read (tables.py), remembered with the hits in their cells
 
 
 class BodyMasker:
@@ -153,6 +160,7 @@ class BodyMasker:
         self._line_one, self._line_two = scanner.line_starts()  # how matches anchored at a line start begin
         # context + short JSON value -> its hits: most strings of a request came in the last one too
         self._inline_seen: dict[bytes, tuple[tuple[Hit, ...], tuple[Key, ...]]] = {}
+        self._tables_seen: dict[bytes, list[Hit]] = {}  # text (short) or its hash -> hits in its tables
 
     def _context_for(self, key: str) -> bytes:
         contexts = self._value_context
@@ -167,6 +175,7 @@ class BodyMasker:
         self.scanner.clear_cache()
         self._inline_seen.clear()
         self._unescaped_seen.clear()
+        self._tables_seen.clear()
 
     def scan_text(self, data: bytes) -> tuple[list[Hit], list[Key]]:
         """``scan_keys(data)``, plus what backslash escapes, percent-encoding and underscores glued to an
@@ -206,6 +215,9 @@ class BodyMasker:
         if 0x5F in data and self._glued is not None and self._glued.search(data):  # "_" before an ID
             alt = self._glued.sub(b" ", data)  # same length
             found += [(h, (h[2], data[h[0]:h[1]])) for h in self.scanner.remembered(alt)[0] if h not in have]
+        if 0x7C in data and (at := tables.find(data)) >= 0:  # "|", "+---": cells read after their header
+            alt = _BLANKS.sub(_blank, data) if 0x1B in data or 0xC2 in data or 0xE2 in data else data
+            found += [(h, (h[2], data[h[0]:h[1]])) for h in self._table_hits(alt, at) if h not in have]
         if not found:
             return hits, keys
         return _merge([*zip(hits, keys, strict=True), *found])
@@ -257,6 +269,8 @@ class BodyMasker:
         found = self.scanner.remembered(views[0])[0]
         if len(views) > 1:  # also with glued underscores as spaces: both views' hits, merged
             found = _merge([(h, (h[2], b"")) for v in views for h in self.scanner.remembered(v)[0]])[0]
+        if (at := tables.find(decoded)) >= 0:  # a table in a JSON string: cells read after their header
+            found = [*found, *self._table_hits(views[0], at)]
         out = []
         for h in found:
             s, e = h[0], h[1]
@@ -269,6 +283,36 @@ class BodyMasker:
             if hit not in hits:
                 out.append((hit, (h[2], data[s:e])))
         return out
+
+    def _table_hits(self, data: bytes, at: int) -> list[Hit]:
+        """Hits in the cells of the tables ``data`` holds from ``at`` (its first "+---") on, each cell read
+        after the field name its header row (or its key/value row) gives it (see tables.py); only hits
+        inside a cell's value count. Remembered: reading a table costs ~40 ns a byte (twice its scan), and a
+        conversation sends the same tool results again with every turn. By the text from the line of ``at``
+        on, and where that line starts (all the reader reads); a text with no line break that has a row
+        under it is not hashed for it (hashing costs ~1-2 ms a MiB: more than looking)."""
+        if len(data) < 512:
+            key = data
+        elif tables.holds(data, at):
+            line = data.rfind(b"\n", 0, at) + 1
+            key = b"%d:" % line + hashlib.blake2b(memoryview(data)[line:], digest_size=16).digest()
+        else:
+            return []
+        found = self._tables_seen.get(key)
+        if found is not None:
+            return found
+        found = []
+        view = tables.read(data, at)
+        if view is not None:
+            for h in self.scanner.remembered(view[0])[0]:
+                cell = tables.inside(view, h[0], h[1])
+                if cell is not None:
+                    found.append(Hit(cell, cell + h[1] - h[0], h[2], h[3]))
+        if len(self._tables_seen) >= TABLES_ENTRIES:
+            self._tables_seen.clear()  # refills with what still comes
+        if len(found) <= UNESCAPED_HITS_MAX:  # memory stays bounded (the scanner keeps the view's scan)
+            self._tables_seen[key] = found
+        return found
 
     def _percent_encoded(self, data: bytes, hits: set[Hit]) -> list[tuple[Hit, Key]]:
         """Hits in ``data`` percent-decoded (a URL: ``prefix=AWSLogs%2F123456789012%2F``; up to three times,
@@ -569,6 +613,7 @@ class BodyMasker:
                     if (not context or len(b) > CONTEXT_VALUE_MAX or 0x5C in b or 0x25 in b or 0x24 in b
                             or 0x1B in b or 0xC2 in b or 0xE2 in b  # escapes, "%", "$25", ESC, NBSP, "→"
                             or 0x26 in b  # "&": a character reference (&quot;)
+                            or (0x7C in b and tables.may_hold(b))  # "|" and "+---": a table
                             or (0x5F in b and glued is not None and glued(b))):  # "_" glued to an ID
                         hits, keys = scan(b, context)
                     else:  # inline: most values are short and hold nothing, and come again and again
@@ -877,9 +922,10 @@ _ESCAPE_LETTERS = frozenset(b'"\\/bfnrtu')
 
 def _may_hide(value: bytes) -> bool:
     """Whether ``value`` has a byte of what ``_with_decodings`` reads: a backslash, "%", "_", "$" (the
-    console's $25), "&", ESC, or the first byte of a no-break space or of "→" (int needles: fast)."""
+    console's $25), "&", ESC, the first byte of a no-break space or of "→" (int needles: fast), or a table's
+    "|" and "+---"."""
     return (0x5C in value or 0x25 in value or 0x5F in value or 0x24 in value or 0x1B in value
-            or 0xC2 in value or 0xE2 in value or 0x26 in value)
+            or 0xC2 in value or 0xE2 in value or 0x26 in value or (0x7C in value and tables.may_hold(value)))
 
 
 def _blank(m: re.Match[bytes]) -> bytes:
