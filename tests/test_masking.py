@@ -698,6 +698,37 @@ def test_a_name_found_by_its_context_is_masked_where_it_repeats_without_it() -> 
     assert len(plan.items) == 4  # no new identifiers: the same four originals
 
 
+ORG_ACCOUNTS_JSON = {"Accounts": [
+    {"Id": "444455556666", "Arn": "arn:aws:organizations::111122223333:account/o-exampleorgid/444455556666",
+     "Email": "dev@example.com", "Name": "acme-dev", "Status": "ACTIVE"},
+    {"Id": "111122223333", "Arn": "arn:aws:organizations::111122223333:account/o-exampleorgid/111122223333",
+     "Email": "root@example.com", "Name": "acme-management", "Status": "ACTIVE"}]}
+ORG_ACCOUNTS_TABLE = """\
+------------------------------------------------------------------------------------------------
+|                                         ListAccounts                                         |
++----------------------------------------------------------------------------------------------+
+||                                          Accounts                                          ||
+|+---------------------------------------------------------------------------+----------------+|
+||                                    Arn                                    |       Id       ||
+|+---------------------------------------------------------------------------+----------------+|
+||  arn:aws:organizations::111122223333:account/o-exampleorgid/444455556666  |  444455556666  ||
+|+---------------------------------------------------------------------------+----------------+|
+"""
+
+
+@pytest.mark.parametrize("text", [json.dumps(ORG_ACCOUNTS_JSON, indent=4), ORG_ACCOUNTS_TABLE,
+                                  "ACCOUNTS\tarn:aws:organizations::111122223333:account/o-exampleorgid/"
+                                  "444455556666\tdev@example.com\t444455556666\tCREATED\tacme-dev\tACTIVE"])
+def test_member_accounts_of_an_organization_are_masked_wherever_they_stand(text: str) -> None:
+    # The member account's ID stands in its Organizations ARN (account/o-.../MEMBER) and again, bare, in
+    # "Id", a table cell or a text column: the ARN's rule must give it as an account for the rest to follow.
+    body = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
+    out, mapping = mask(body, "application/json")
+    for secret in (b"444455556666", b"111122223333", b"o-exampleorgid"):
+        assert secret not in out
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
+
+
 def test_repeats_in_other_json_strings_and_base64_documents_are_masked() -> None:
     doc = {"messages": [
         {"role": "user", "content": "assume arn:aws:iam::123456789012:role/deploy-bot-prod please"},
