@@ -729,6 +729,29 @@ def test_member_accounts_of_an_organization_are_masked_wherever_they_stand(text:
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == json.loads(body)
 
 
+def test_names_inside_composite_arn_resources_are_masked_where_they_repeat() -> None:
+    # ELB and ECS ARNs hold a name beside an ID (loadbalancer/app/NAME/ID, service/CLUSTER/SERVICE): taken for
+    # one name, the name in LoadBalancerName / serviceName / TargetGroupName was forwarded.
+    doc = {"LoadBalancers": [{"LoadBalancerArn": "arn:aws:elasticloadbalancing:us-east-1:111122223333:"
+                                                 "loadbalancer/app/orders-alb/50dc6c495c0c9188",
+                              "LoadBalancerName": "orders-alb"}],
+           "TargetGroups": [{"TargetGroupArn": "arn:aws:elasticloadbalancing:us-east-1:111122223333:"
+                                               "targetgroup/orders-tg/73e2d6bc24d8a067",
+                             "TargetGroupName": "orders-tg"}],
+           "services": [{"serviceArn": "arn:aws:ecs:us-east-1:111122223333:service/orders-cluster/orders-api",
+                         "serviceName": "orders-api",
+                         "taskDefinition": "arn:aws:ecs:us-east-1:111122223333:"
+                                           "task-definition/orders-task:42",
+                         "events": [{"message": "(service orders-api) has reached a steady state."}]}]}
+    body = json.dumps(doc).encode()
+    out, mapping = mask(body, "application/json")
+    for name in (b"orders-alb", b"orders-tg", b"orders-api", b"orders-cluster", b"orders-task",
+                 b"50dc6c495c0c9188", b"111122223333"):
+        assert name not in out, name
+    assert b"task-definition/AWS_ARN_ECS_" in out and b":42" in out  # the revision stays
+    assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
+
+
 def test_repeats_in_other_json_strings_and_base64_documents_are_masked() -> None:
     doc = {"messages": [
         {"role": "user", "content": "assume arn:aws:iam::123456789012:role/deploy-bot-prod please"},
