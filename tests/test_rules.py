@@ -733,6 +733,27 @@ def test_a_match_longer_than_the_window_is_found_beside_a_short_one() -> None:
     assert [text[h.start:h.end] for h in hits] == [b"x" * 1500, b"bucket-name"]
 
 
+def _agreed_values(data: bytes) -> list[bytes]:
+    """The values both engines mask in ``data`` (asserting they return the same hits)."""
+    hits = full_scanner("python").scan_keys_once(data)[0]
+    if HAVE_HYPERSCAN:
+        assert full_scanner("hyperscan").scan_keys_once(data)[0] == hits, data[:80]
+    return [data[h.start:h.end] for h in hits]
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("keypairid = K2JCJMDEHXQW5F", b"K2JCJMDEHXQW5F"),
+    ("rootid: r-ab12", b"r-ab12"),
+    ("sessionid: jdoe-0a1b2c3d4e5f67890", b"jdoe"),
+    ("clientid: 1h2j3k4l5m6n7o8p9q0r1s2t3u", b"1h2j3k4l5m6n7o8p9q0r1s2t3u"),
+])
+def test_keywords_of_a_rule_ignoring_case_in_part_are_found_in_any_case(text: str, masked: bytes) -> None:
+    """A rule whose regex ignores case only in a group, (?i:key[-_]?pair[-_]?id), matches "keypairid"; its
+    keywords (KeyPairId, …) were looked for as written, so the Python engine skipped it where Hyperscan (no
+    keyword prefilter) masked the value (found by a differential fuzzer)."""
+    assert _agreed_values(text.encode()) == [masked]
+
+
 # --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------
 
 def _leaks(text: str, secrets: list[str], engine: str) -> list[str]:
