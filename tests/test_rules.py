@@ -754,6 +754,32 @@ def test_keywords_of_a_rule_ignoring_case_in_part_are_found_in_any_case(text: st
     assert _agreed_values(text.encode()) == [masked]
 
 
+@pytest.mark.parametrize("text, masked", [
+    # Hyperscan locates this rule by its match ends: both engines missed the key
+    ("KmsKeyId: alias/aws/KmsKeyId=0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b",
+     b"0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"),
+    # ... and these by a literal at their start, tried at every occurrence: the Python engine missed them
+    ("log_group_name = aws_cloudwatch_log_group.app.log_group_name=payments-api", b"payments-api"),
+    ("StackName: AWS::StackName=orders-prod", b"orders-prod"),
+    ("bucket = local.bucket=acme-data-prod", b"acme-data-prod"),
+])
+def test_a_match_that_starts_inside_a_match_its_rule_rejects_is_found(text: str, masked: bytes) -> None:
+    """A rule's match it does not accept (a code reference, an AWS-managed alias) hid a match of the same rule
+    that starts inside it: the search went on after its end (found by a differential fuzzer)."""
+    assert _agreed_values(text.encode()) == [masked]
+
+
+def test_rules_whose_matches_cannot_start_inside_one_another_are_told() -> None:
+    from aws_masker.scanner import _no_inner_start
+
+    # no match starts after a digit or a dot; all it takes but its last byte is digits and dots
+    assert _no_inner_start(re.compile(rb"(?<![0-9.])\d+(?:\.\d+)*(?:[^0-9.]|$)"))
+    assert _no_inner_start(re.compile(rb"(?i)(?<![\w:])[0-9a-f:]+\d{1,5}(?![\w:])"))
+    assert not _no_inner_start(re.compile(rb"(?<![0-9.])\d+ \d+"))  # a match may start after the space
+    assert not _no_inner_start(re.compile(rb"\b\d+"))  # no look-behind
+    assert not _no_inner_start(re.compile(rb"(?<![0-9])\d+(?:x|yz)"))  # y is no last byte
+
+
 # --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------
 
 def _leaks(text: str, secrets: list[str], engine: str) -> list[str]:
