@@ -780,6 +780,17 @@ def test_rules_whose_matches_cannot_start_inside_one_another_are_told() -> None:
     assert not _no_inner_start(re.compile(rb"(?<![0-9])\d+(?:x|yz)"))  # y is no last byte
 
 
+@pytest.mark.parametrize("lead", [b"", b"see ", b"x" * 2000 + b" "])
+def test_a_match_longer_than_the_window_that_starts_with_no_word_boundary_in_it_is_masked_whole(
+        lead: bytes) -> None:
+    """Hyperscan reports where a hostname ends; its rule then runs over the 1 KiB before that end. A first
+    label of 1,000 characters puts the window's start inside it, where \\b fails: the match found started
+    after the next "-", far into the window, so it was taken for a whole one and the 1,000 characters before
+    it were forwarded (found by a differential fuzzer; the Python engine masked the whole name)."""
+    host = b"a" * 1000 + b"-web.abcdefghij.eu-west-1.elb.amazonaws.com"
+    assert _agreed_values(lead + host + b" ok") == [host]
+
+
 # --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------
 
 def _leaks(text: str, secrets: list[str], engine: str) -> list[str]:

@@ -8,7 +8,7 @@ ends at the reported end), finds its start and yields named groups. Overlapping 
 leftmost-first, longest at the same start, so an account ID inside an ARN is replaced once (by the ARN
 rule's groups). Rules Hyperscan cannot compile, and every rule when Hyperscan is missing, run as Python
 regexes behind their keyword prefilters; both engines return the same replacements (the tests compare them;
-a match longer than the search window, 1 KiB, far beyond any real identifier, may be found in part).
+a match longer than the widest search window, 64 KiB, far beyond any real identifier, may be found in part).
 """
 
 from __future__ import annotations
@@ -214,6 +214,8 @@ class Scanner:
         # per rule that only counts right after certain rules' hits: (their ids, fullmatch of the gap)
         self._follows = [(frozenset(r.follows), r.gap.fullmatch) if r.follows and r.gap is not None else None
                          for r in self.rules]
+        # per rule: the search method of a byte its regex never takes (None: it may take any)
+        self._stoppers = [_stopper(r.regex) for r in self.rules]
         self._db: Any = None
         # remembered scans: (hits, (kind, matched bytes) of each hit)
         self._cache: dict[bytes, tuple[list[Hit], list[tuple[str, bytes]]]] = {}  # by 128-bit hash of a text
@@ -294,6 +296,7 @@ class Scanner:
             widths = self._widths
             aheads = self._ahead
             past = self._past
+            stoppers = self._stoppers
             size = len(data)
             while i < n:
                 rid, end = ends[i]
@@ -311,12 +314,15 @@ class Scanner:
                 # after hi belong to a later window (or are none: Hyperscan reports every real end).
                 stop = min(size, hi + aheads[rid] + 2)
                 matches = self._find(rid, data, lo, stop)
+                stopper = stoppers[rid]
                 if lo and width == WINDOW and (
-                        not matches or matches[0].start() < lo + WINDOW // 4
+                        not matches or stopper is None or stopper(data, lo, matches[0].start()) is None
                         or not {e for _, e in ends[first:i]} <= {m.end() for m in matches}):
-                    # An unbounded rule whose match may be longer than the window: the match found may
-                    # be a piece of it, or an end Hyperscan reported is not explained by a match found in
-                    # the window. Search again from much further back.
+                    # An unbounded rule whose match may be longer than the window: the first match found
+                    # may be a piece of one that starts before the window (every byte from the window's
+                    # start to it is one the rule's regex can take: a hostname whose first label has 1,000
+                    # characters), or an end Hyperscan reported is not explained by a match found in the
+                    # window. Search again from much further back.
                     lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
                     matches = self._find(rid, data, lo, stop)
                 for m in matches:
@@ -964,6 +970,19 @@ def _mandatory_groups(compiled: re.Pattern[bytes]) -> set[str]:
 
     walk(tree)
     return {name for name, index in compiled.groupindex.items() if index in found}
+
+
+def _stopper(regex: str) -> Callable[[bytes, int, int], re.Match[bytes] | None] | None:
+    """The ``search`` method of a pattern that finds a byte no match of ``regex`` contains (outside its
+    look-arounds), or None when a match may contain any byte (or that cannot be told)."""
+    try:
+        parsed = _sre_parse.parse(regex.encode("utf-8"))
+    except Exception:  # pragma: no cover - a private API; be safe
+        return None
+    taken = _taken(list(parsed), bool(parsed.state.flags & re.IGNORECASE))
+    if taken is None or taken == _ALL:
+        return None
+    return re.compile(b"[" + b"".join(re.escape(bytes([c])) for c in sorted(_ALL - taken)) + b"]").search
 
 
 def _taken(seq: list[Any], icase: bool) -> set[int] | None:
