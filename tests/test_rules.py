@@ -711,6 +711,14 @@ _PIECES = [
     "arn:aws:s3:::my-bucket/key", "AKIAIOSFODNN7EXAMPLE", "s3://my-bucket/logs/", "eu-west-1_AbCdEfGhI",
     "db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "123456789012.dkr.ecr.us-east-1.amazonaws.com",
     "Account", "OwnerId", '"Account": "', "arn:aws", "AWSLogs/", "us-east-1", "m5.large", "v1.2.3",
+    # what a differential fuzzer found the engines disagreeing on: a match its rule rejects (a code reference,
+    # an AWS-managed alias) with one of the same rule inside it; labels in another case than the keywords;
+    # a name longer than the search window
+    "KmsKeyId: alias/aws/", "log_group_name = aws_cloudwatch_log_group.app.", "StackName: AWS::",
+    "bucket = local.", "loggroupname=", "keypairid = ", "rootid: ", "sessionid: ", "clientid: ",
+    "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "payments-api", "K2JCJMDEHXQW5F", "r-ab12",
+    "jdoe-0a1b2c3d4e5f67890", "1h2j3k4l5m6n7o8p9q0r1s2t3u", "a" * 1100,
+    "web.abcdefghij.eu-west-1.elb.amazonaws.com",
 ]
 _GLUE = [" ", ".", ":", "-", "_", "\t", "\n", "/", '"', ",", "", "x", "0", " | ", "=", "\t|  "]
 
@@ -720,6 +728,26 @@ _GLUE = [" ", ".", ":", "-", "_", "\t", "\n", "/", '"', ",", "", "x", "0", " | "
 @given(st.lists(st.tuples(st.sampled_from(_PIECES), st.sampled_from(_GLUE)), min_size=1, max_size=14))
 def test_engines_agree_on_identifiers_glued_together(parts: list[tuple[str, str]]) -> None:
     text = "".join(p + g for p, g in parts).encode()
+    assert full_scanner("hyperscan").scan(text) == full_scanner("python").scan(text)
+
+
+# A match its rule rejects (a code reference, an AWS-managed alias) right before a label and a value: the
+# value's match starts inside the rejected one. Labels are written in cases their rules' keywords are not.
+_REJECTED = ["", "KmsKeyId: alias/aws/", "log_group_name = aws_cloudwatch_log_group.app.", "StackName: AWS::",
+             "bucket = local.", "bucket = var.", "logGroupName: props."]
+_LABELS = ["KmsKeyId=", "kmskeyid: ", "log_group_name=", "loggroupname=", "StackName=", "stackname: ",
+           "bucket=", "BUCKET=", "keypairid = ", "KEYPAIRID=", "rootid: ", "parentid=", "sessionid: ",
+           "clientid: ", "logGroup: "]
+_VALUES = ["0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "payments-api", "orders-prod", "acme-data-prod",
+           "K2JCJMDEHXQW5F", "r-ab12", "jdoe-0a1b2c3d4e5f67890", "1h2j3k4l5m6n7o8p9q0r1s2t3u"]
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_REJECTED), st.sampled_from(_LABELS), st.sampled_from(_VALUES),
+                          st.sampled_from(_GLUE)), min_size=1, max_size=6))
+def test_engines_agree_on_values_after_a_match_their_rule_rejects(parts: list[tuple[str, ...]]) -> None:
+    text = "".join("".join(p) for p in parts).encode()
     assert full_scanner("hyperscan").scan(text) == full_scanner("python").scan(text)
 
 
