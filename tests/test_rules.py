@@ -819,6 +819,20 @@ def test_a_match_longer_than_the_window_that_starts_with_no_word_boundary_in_it_
     assert _agreed_values(lead + host + b" ok") == [host]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_run_of_dashes_after_an_s3_endpoint_costs_no_exponential_backtracking(engine: str) -> None:
+    """(?:[.-][a-z0-9-]+)* after "s3" splits a run of dashes in 2**n ways before "\\.amazonaws" fails: 34
+    dashes took seconds (the fuzzer's 1,000, forever), also on Hyperscan, whose window for the S3 URL that
+    follows takes them in."""
+    import time
+
+    data = b"see s3.us-east-1.amazonaws.com." + b"-" * 34 + b" and s3.amazonaws.com/bucket-name/key"
+    scanner = full_scanner(engine)
+    started = time.perf_counter()
+    assert scanner.scan_values(data) == [b"bucket-name"]
+    assert time.perf_counter() - started < 0.5
+
+
 # --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------
 
 def _leaks(text: str, secrets: list[str], engine: str) -> list[str]:
