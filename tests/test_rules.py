@@ -763,6 +763,14 @@ _PIECES = [
     "arn:aws:s3:::my-bucket/key", "AKIAIOSFODNN7EXAMPLE", "s3://my-bucket/logs/", "eu-west-1_AbCdEfGhI",
     "db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "123456789012.dkr.ecr.us-east-1.amazonaws.com",
     "Account", "OwnerId", '"Account": "', "arn:aws", "AWSLogs/", "us-east-1", "m5.large", "v1.2.3",
+    # what a differential fuzzer found the engines disagreeing on: a match its rule rejects (a code reference,
+    # an AWS-managed alias) with one of the same rule inside it; labels in another case than the keywords;
+    # a name longer than the search window
+    "KmsKeyId: alias/aws/", "log_group_name = aws_cloudwatch_log_group.app.", "StackName: AWS::",
+    "bucket = local.", "loggroupname=", "keypairid = ", "rootid: ", "sessionid: ", "clientid: ",
+    "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "payments-api", "K2JCJMDEHXQW5F", "r-ab12",
+    "jdoe-0a1b2c3d4e5f67890", "1h2j3k4l5m6n7o8p9q0r1s2t3u", "a" * 1100,
+    "web.abcdefghij.eu-west-1.elb.amazonaws.com",
 ]
 _GLUE = [" ", ".", ":", "-", "_", "\t", "\n", "/", '"', ",", "", "x", "0", " | ", "=", "\t|  "]
 
@@ -775,6 +783,26 @@ def test_engines_agree_on_identifiers_glued_together(parts: list[tuple[str, str]
     assert full_scanner("hyperscan").scan(text) == full_scanner("python").scan(text)
 
 
+# A match its rule rejects (a code reference, an AWS-managed alias) right before a label and a value: the
+# value's match starts inside the rejected one. Labels are written in cases their rules' keywords are not.
+_REJECTED = ["", "KmsKeyId: alias/aws/", "log_group_name = aws_cloudwatch_log_group.app.", "StackName: AWS::",
+             "bucket = local.", "bucket = var.", "logGroupName: props."]
+_LABELS = ["KmsKeyId=", "kmskeyid: ", "log_group_name=", "loggroupname=", "StackName=", "stackname: ",
+           "bucket=", "BUCKET=", "keypairid = ", "KEYPAIRID=", "rootid: ", "parentid=", "sessionid: ",
+           "clientid: ", "logGroup: "]
+_VALUES = ["0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "payments-api", "orders-prod", "acme-data-prod",
+           "K2JCJMDEHXQW5F", "r-ab12", "jdoe-0a1b2c3d4e5f67890", "1h2j3k4l5m6n7o8p9q0r1s2t3u"]
+
+
+@pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_REJECTED), st.sampled_from(_LABELS), st.sampled_from(_VALUES),
+                          st.sampled_from(_GLUE)), min_size=1, max_size=6))
+def test_engines_agree_on_values_after_a_match_their_rule_rejects(parts: list[tuple[str, ...]]) -> None:
+    text = "".join("".join(p) for p in parts).encode()
+    assert full_scanner("hyperscan").scan(text) == full_scanner("python").scan(text)
+
+
 @pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
 def test_a_match_longer_than_the_window_is_found_beside_a_short_one() -> None:
     # Two ends of one rule close together: the first belongs to a match that starts more than a window
@@ -783,6 +811,78 @@ def test_a_match_longer_than_the_window_is_found_beside_a_short_one() -> None:
     hits = full_scanner("hyperscan").scan(text)
     assert hits == full_scanner("python").scan(text)
     assert [text[h.start:h.end] for h in hits] == [b"x" * 1500, b"bucket-name"]
+
+
+def _agreed_values(data: bytes) -> list[bytes]:
+    """The values both engines mask in ``data`` (asserting they return the same hits)."""
+    hits = full_scanner("python").scan_keys_once(data)[0]
+    if HAVE_HYPERSCAN:
+        assert full_scanner("hyperscan").scan_keys_once(data)[0] == hits, data[:80]
+    return [data[h.start:h.end] for h in hits]
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("keypairid = K2JCJMDEHXQW5F", b"K2JCJMDEHXQW5F"),
+    ("rootid: r-ab12", b"r-ab12"),
+    ("sessionid: jdoe-0a1b2c3d4e5f67890", b"jdoe"),
+    ("clientid: 1h2j3k4l5m6n7o8p9q0r1s2t3u", b"1h2j3k4l5m6n7o8p9q0r1s2t3u"),
+])
+def test_keywords_of_a_rule_ignoring_case_in_part_are_found_in_any_case(text: str, masked: bytes) -> None:
+    """A rule whose regex ignores case only in a group, (?i:key[-_]?pair[-_]?id), matches "keypairid"; its
+    keywords (KeyPairId, …) were looked for as written, so the Python engine skipped it where Hyperscan (no
+    keyword prefilter) masked the value (found by a differential fuzzer)."""
+    assert _agreed_values(text.encode()) == [masked]
+
+
+@pytest.mark.parametrize("text, masked", [
+    # Hyperscan locates this rule by its match ends: both engines missed the key
+    ("KmsKeyId: alias/aws/KmsKeyId=0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b",
+     b"0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"),
+    # ... and these by a literal at their start, tried at every occurrence: the Python engine missed them
+    ("log_group_name = aws_cloudwatch_log_group.app.log_group_name=payments-api", b"payments-api"),
+    ("StackName: AWS::StackName=orders-prod", b"orders-prod"),
+    ("bucket = local.bucket=acme-data-prod", b"acme-data-prod"),
+])
+def test_a_match_that_starts_inside_a_match_its_rule_rejects_is_found(text: str, masked: bytes) -> None:
+    """A rule's match it does not accept (a code reference, an AWS-managed alias) hid a match of the same rule
+    that starts inside it: the search went on after its end (found by a differential fuzzer)."""
+    assert _agreed_values(text.encode()) == [masked]
+
+
+def test_rules_whose_matches_cannot_start_inside_one_another_are_told() -> None:
+    from aws_masker.scanner import _no_inner_start
+
+    # no match starts after a digit or a dot; all it takes but its last byte is digits and dots
+    assert _no_inner_start(re.compile(rb"(?<![0-9.])\d+(?:\.\d+)*(?:[^0-9.]|$)"))
+    assert _no_inner_start(re.compile(rb"(?i)(?<![\w:])[0-9a-f:]+\d{1,5}(?![\w:])"))
+    assert not _no_inner_start(re.compile(rb"(?<![0-9.])\d+ \d+"))  # a match may start after the space
+    assert not _no_inner_start(re.compile(rb"\b\d+"))  # no look-behind
+    assert not _no_inner_start(re.compile(rb"(?<![0-9])\d+(?:x|yz)"))  # y is no last byte
+
+
+@pytest.mark.parametrize("lead", [b"", b"see ", b"x" * 2000 + b" "])
+def test_a_match_longer_than_the_window_that_starts_with_no_word_boundary_in_it_is_masked_whole(
+        lead: bytes) -> None:
+    """Hyperscan reports where a hostname ends; its rule then runs over the 1 KiB before that end. A first
+    label of 1,000 characters puts the window's start inside it, where \\b fails: the match found started
+    after the next "-", far into the window, so it was taken for a whole one and the 1,000 characters before
+    it were forwarded (found by a differential fuzzer; the Python engine masked the whole name)."""
+    host = b"a" * 1000 + b"-web.abcdefghij.eu-west-1.elb.amazonaws.com"
+    assert _agreed_values(lead + host + b" ok") == [host]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_run_of_dashes_after_an_s3_endpoint_costs_no_exponential_backtracking(engine: str) -> None:
+    """(?:[.-][a-z0-9-]+)* after "s3" splits a run of dashes in 2**n ways before "\\.amazonaws" fails: 34
+    dashes took seconds (the fuzzer's 1,000, forever), also on Hyperscan, whose window for the S3 URL that
+    follows takes them in."""
+    import time
+
+    data = b"see s3.us-east-1.amazonaws.com." + b"-" * 34 + b" and s3.amazonaws.com/bucket-name/key"
+    scanner = full_scanner(engine)
+    started = time.perf_counter()
+    assert scanner.scan_values(data) == [b"bucket-name"]
+    assert time.perf_counter() - started < 0.5
 
 
 # --- a recall hunt over texts developers paste: each sample leaked before its rule ------------------------

@@ -107,6 +107,11 @@ class Example:
     masked: tuple[str, ...]
 
 
+# An inline flag group that turns case-insensitivity on: (?i:…), (?ai-m:…); may also match where a "(?i"
+# is escaped (then keywords are only looked for more widely than needed).
+_CASELESS_PART = re.compile(r"\(\?[aLmsux]*i")
+
+
 @dataclass
 class Rule:
     id: str
@@ -123,11 +128,13 @@ class Rule:
     follows: tuple[str, ...] = ()  # ids of the rules whose hit must come right before this rule's
     gap: re.Pattern[bytes] | None = None  # ... with only this between them (matched whole)
     compiled: re.Pattern[bytes] = field(init=False, repr=False)
+    # the regex ignores case, all of it or a part (?i:…): its keywords are then looked for ignoring case too
     case_insensitive: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.compiled = re.compile(self.regex.encode("utf-8"))
-        self.case_insensitive = bool(self.compiled.flags & re.IGNORECASE)
+        self.case_insensitive = bool(self.compiled.flags & re.IGNORECASE) or \
+            _CASELESS_PART.search(self.regex) is not None
 
     def targets(self) -> dict[str, str]:
         """Group name (``""`` for the whole match) -> placeholder kind (possibly a ``{group}`` template)."""

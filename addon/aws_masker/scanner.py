@@ -8,7 +8,7 @@ ends at the reported end), finds its start and yields named groups. Overlapping 
 leftmost-first, longest at the same start, so an account ID inside an ARN is replaced once (by the ARN
 rule's groups). Rules Hyperscan cannot compile, and every rule when Hyperscan is missing, run as Python
 regexes behind their keyword prefilters; both engines return the same replacements (the tests compare them;
-a match longer than the search window, 1 KiB, far beyond any real identifier, may be found in part).
+a match longer than the widest search window, 64 KiB, far beyond any real identifier, may be found in part).
 """
 
 from __future__ import annotations
@@ -203,9 +203,19 @@ class Scanner:
         self._plain: list[tuple[str, str] | None] = [
             (t[0][1], r.id) if t[0][0] == "" and not r.allow and r.validate is None and "{" not in t[0][1]
             and not r.follows else None for r, t in self._targets]
+        # per rule: it accepts every match (no allow list or check, and a part it masks takes part in
+        # every match), so no match hides one that starts inside it (see _find)
+        self._accepts_all = [not r.allow and r.validate is None and (
+            t[0][0] == "" or bool(_mandatory_groups(r.compiled) & {g for g, _ in t}))
+            for r, t in self._targets]
+        # ... or no match of it can start inside another (an IPv4 address: none starts after a digit or dot)
+        self._one_at_a_time = [a or _no_inner_start(r.compiled) for r, a in zip(self.rules, self._accepts_all,
+                                                                                strict=True)]
         # per rule that only counts right after certain rules' hits: (their ids, fullmatch of the gap)
         self._follows = [(frozenset(r.follows), r.gap.fullmatch) if r.follows and r.gap is not None else None
                          for r in self.rules]
+        # per rule: the search method of a byte its regex never takes (None: it may take any)
+        self._stoppers = [_stopper(r.regex) for r in self.rules]
         self._db: Any = None
         # remembered scans: (hits, (kind, matched bytes) of each hit)
         self._cache: dict[bytes, tuple[list[Hit], list[tuple[str, bytes]]]] = {}  # by 128-bit hash of a text
@@ -252,11 +262,24 @@ class Scanner:
 
             self._db_start.scan(data, match_event_handler=on_literal)
             locators = self._locators
+            if found_at:
+                at_end = [0] * len(rules)  # per rule: the end of its match found last
+            # Every start of a literal is tried, also inside a match of the same rule (which the Python
+            # engine does not try): some match starts before the end of one of its rule found before it
+            # (inside it, or before it: literals of several lengths, found in the order they end).
+            crossed = False
             for lid, end in found_at:
                 for rid, length, match in locators[lid]:
-                    m = match(data, end - length)
+                    start = end - length
+                    m = match(data, start)
                     if m is not None:
-                        add((end - length, -m.end(), rid, m))
+                        if start < at_end[rid]:
+                            crossed = True
+                        at_end[rid] = e = m.end()
+                        add((start, -e, rid, m))
+            if crossed:
+                cands = self._one_pass(cands)
+                add = cands.append
         if self._db is not None:
             # The other rules (a hostname is told by its suffix): Hyperscan reports where their matches
             # END; each rule's regex then runs over the windows that end there, reaching back as far as its
@@ -274,6 +297,7 @@ class Scanner:
             widths = self._widths
             aheads = self._ahead
             past = self._past
+            stoppers = self._stoppers
             size = len(data)
             while i < n:
                 rid, end = ends[i]
@@ -285,21 +309,23 @@ class Scanner:
                 while i < n and ends[i][0] == rid and ends[i][1] - width <= hi:
                     hi = ends[i][1]
                     i += 1
-                compiled = rules[rid].compiled
                 # The regex runs on data[:stop], which it takes for the whole text: stop lies past what its
                 # trailing assertions inspect at hi (\b and $ look one byte on; $ also matches before a last
                 # newline; a look-ahead looks `ahead` bytes on), unless it is the real end. Matches ending
                 # after hi belong to a later window (or are none: Hyperscan reports every real end).
                 stop = min(size, hi + aheads[rid] + 2)
-                matches = list(compiled.finditer(data, lo, stop))
+                matches = self._find(rid, data, lo, stop)
+                stopper = stoppers[rid]
                 if lo and width == WINDOW and (
-                        not matches or matches[0].start() < lo + WINDOW // 4
+                        not matches or stopper is None or stopper(data, lo, matches[0].start()) is None
                         or not {e for _, e in ends[first:i]} <= {m.end() for m in matches}):
-                    # An unbounded rule whose match may be longer than the window: the match found may
-                    # be a piece of it, or an end Hyperscan reported is not explained by a match found in
-                    # the window. Search again from much further back.
+                    # An unbounded rule whose match may be longer than the window: the first match found
+                    # may be a piece of one that starts before the window (every byte from the window's
+                    # start to it is one the rule's regex can take: a hostname whose first label has 1,000
+                    # characters), or an end Hyperscan reported is not explained by a match found in the
+                    # window. Search again from much further back.
                     lo = max(0, hi - MAX_WINDOW, lo - MAX_WINDOW)
-                    matches = list(compiled.finditer(data, lo, stop))
+                    matches = self._find(rid, data, lo, stop)
                 for m in matches:
                     if m.end() <= hi:
                         add((m.start(), -m.end(), rid, m))
@@ -317,9 +343,46 @@ class Scanner:
                             continue
                     elif not any(hay.find(k) >= 0 for k in rule.keywords):  # find(): `in` costs more
                         continue
-                for m in rule.compiled.finditer(data):
+                for m in self._find(rid, data, 0, len(data)):
                     add((m.start(), -m.end(), rid, m))
         return cands
+
+    def _find(self, rid: int, data: bytes, lo: int, stop: int) -> list[re.Match[bytes]]:
+        """The matches of rule ``rid`` in ``data[lo:stop]``, as ``finditer`` finds them, except that the
+        search after a match the rule does not accept (a code reference, ``bucket = local.x``; a value its
+        check rejects) resumes one byte after its start, not at its end: a match that starts inside it is
+        found too, as the literal locator finds it (it tries every start)."""
+        compiled = self.rules[rid].compiled
+        if self._one_at_a_time[rid]:
+            return list(compiled.finditer(data, lo, stop))
+        out: list[re.Match[bytes]] = []
+        acceptable = self._acceptable
+        while True:
+            for m in compiled.finditer(data, lo, stop):
+                out.append(m)
+                if not acceptable(rid, m):
+                    lo = m.start() + 1
+                    break
+            else:
+                return out
+
+    def _one_pass(self, cands: list[tuple[int, int, int, re.Match[bytes]]]) \
+            -> list[tuple[int, int, int, re.Match[bytes]]]:
+        """Of the literal locator's matches (every start of every rule), those ``_find`` finds: of one
+        rule's, none that starts inside an earlier one it accepts."""
+        cands.sort(key=_START_LONGEST_RULE)
+        out: list[tuple[int, int, int, re.Match[bytes]]] = []
+        barrier = [0] * len(self.rules)  # per rule: the end of its last match kept and accepted
+        acceptable = self._acceptable
+        accepts_all = self._accepts_all
+        for cand in cands:
+            start, neg_end, rid, m = cand
+            if start < barrier[rid]:
+                continue
+            out.append(cand)
+            if accepts_all[rid] or acceptable(rid, m):
+                barrier[rid] = -neg_end
+        return out
 
     # -- resolution ------------------------------------------------------------------------------------
 
@@ -939,6 +1002,134 @@ def _max_width(regex: str) -> int:
     except Exception:  # pragma: no cover - a private API; be safe
         return WINDOW
     return min(int(width), WINDOW)
+
+
+def _mandatory_groups(compiled: re.Pattern[bytes]) -> set[str]:
+    """The names of the groups of ``compiled`` that take part in every match (not inside an alternative, an
+    optional part or a look-around)."""
+    try:
+        tree = _sre_parse.parse(compiled.pattern, compiled.flags)
+    except Exception:  # pragma: no cover - a private API; be safe
+        return set()
+    found: set[int] = set()
+
+    def walk(seq: Any) -> None:
+        for op, av in seq:
+            if op is _sre.SUBPATTERN:
+                if av[0] is not None:
+                    found.add(av[0])
+                walk(av[-1])
+            elif op is _sre.ATOMIC_GROUP:
+                walk(av)
+            elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT) and av[0] >= 1:
+                walk(av[2])
+
+    walk(tree)
+    return {name for name, index in compiled.groupindex.items() if index in found}
+
+
+def _stopper(regex: str) -> Callable[[bytes, int, int], re.Match[bytes] | None] | None:
+    """The ``search`` method of a pattern that finds a byte no match of ``regex`` contains (outside its
+    look-arounds), or None when a match may contain any byte (or that cannot be told)."""
+    try:
+        parsed = _sre_parse.parse(regex.encode("utf-8"))
+    except Exception:  # pragma: no cover - a private API; be safe
+        return None
+    taken = _taken(list(parsed), bool(parsed.state.flags & re.IGNORECASE))
+    if taken is None or taken == _ALL:
+        return None
+    return re.compile(b"[" + b"".join(re.escape(bytes([c])) for c in sorted(_ALL - taken)) + b"]").search
+
+
+def _taken(seq: list[Any], icase: bool) -> set[int] | None:
+    """The bytes that matches of ``seq`` may contain (None: cannot be told)."""
+    out: set[int] = set()
+    for op, av in seq:
+        got: set[int] | None
+        if op is _sre.LITERAL:
+            got = _folded({av}, icase)
+        elif op is _sre.NOT_LITERAL:
+            got = set(_ALL - _folded({av}, icase))
+        elif op is _sre.ANY:
+            got = set(_ALL)
+        elif op is _sre.IN:
+            members = _in_set(av)
+            got = None if members is None else _folded(members, icase)
+        elif op in (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT):
+            continue  # zero-width: what a look-around reads is no part of the match
+        elif op is _sre.BRANCH:
+            got = set()
+            for branch in av[1]:
+                one = _taken(list(branch), icase)
+                if one is None:
+                    return None
+                got |= one
+        elif op is _sre.SUBPATTERN:
+            got = _taken(list(av[-1]), _icase(icase, av))
+        elif op is _sre.ATOMIC_GROUP:
+            got = _taken(list(av), icase)
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            got = _taken(list(av[2]), icase)
+        else:
+            return None  # a back-reference, a conditional: anything
+        if got is None:
+            return None
+        out |= got
+    return out
+
+
+_ZERO_WIDTH = (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT)
+
+
+def _no_inner_start(compiled: re.Pattern[bytes]) -> bool:
+    """Whether no match of ``compiled`` can start inside another: it opens with a one-byte look-behind
+    ``(?<![B])`` and every byte of a match but its last is in B (an IPv4 address, ``(?<![0-9A-Za-z.])``, is
+    digits and dots up to the byte after it). False when that cannot be told."""
+    try:
+        tree = list(_sre_parse.parse(compiled.pattern, compiled.flags))
+    except Exception:  # pragma: no cover - a private API; be safe
+        return False
+    icase = bool(compiled.flags & re.IGNORECASE)
+    if not tree or tree[0][0] is not _sre.ASSERT_NOT or tree[0][1][0] != -1:
+        return False
+    behind = list(tree[0][1][1])
+    if len(behind) != 1:
+        return False
+    op, av = behind[0]
+    if op is _sre.LITERAL:
+        forbidden: set[int] | None = _folded({av}, icase)
+    elif op is _sre.IN:
+        members = _in_set(av)
+        forbidden = None if members is None else _folded(members, icase)
+    else:
+        return False
+    if not forbidden:
+        return False
+
+    def inside(seq: list[Any]) -> bool:
+        """Every byte a match of ``seq`` takes, but its last, is forbidden after."""
+        while seq and seq[-1][0] in _ZERO_WIDTH:
+            seq = seq[:-1]
+        if not seq:
+            return True
+        for item in seq[:-1]:
+            taken = _taken([item], icase)
+            if taken is None or not taken <= forbidden:
+                return False
+        op, av = seq[-1]
+        taken = _taken([seq[-1]], icase)
+        if taken is not None and taken <= forbidden:
+            return True
+        if op is _sre.SUBPATTERN:
+            return inside(list(av[-1]))
+        if op is _sre.BRANCH:
+            return all(inside(list(alt)) for alt in av[1])
+        try:
+            return int(_sre_parse.SubPattern(_sre_parse.State(), [seq[-1]]).getwidth()[1]) <= 1
+        except Exception:  # pragma: no cover
+            return False
+
+    return inside(tree[1:])
 
 
 def _lookahead_reach(regex: str) -> int:
