@@ -167,6 +167,30 @@ def test_compiling_the_catalog_gives_the_compilers_working_memory_back() -> None
     assert int(out[1]) < 10 * 1024, f"building the scanner added {int(out[1]) / 1024:.1f} MiB of RSS"
 
 
+_S3_HOSTS_AFTER_A_RUN_OF_DASHES = """
+import sys
+from aws_masker.rules import load_rules
+from aws_masker.scanner import Scanner
+dashes = b"-" * 60
+text = (b"see abcd.s3.us" + dashes + b" and s3" + dashes + b"! then my-bucket.s3.amazonaws.com and "
+        b"https://s3.us-east-1.amazonaws.com/other-bucket/key")
+print(Scanner(load_rules(), sys.argv[1]).scan_values(text))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_s3_host_rules_take_linear_time_on_runs_of_dashes(engine: str) -> None:
+    # "(?:[.-][a-z0-9-]+)*" splits a run of dashes in 2^n ways when what follows fails: 40 dashes after
+    # ".s3" took the Python regex 28 s (both engines run it: Hyperscan only finds where to look), 60 hung
+    # the proxy (found by a differential fuzz of the scanner).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _S3_HOSTS_AFTER_A_RUN_OF_DASHES, engine], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.strip()
+    assert out == "[b'my-bucket', b'other-bucket']"
+
+
 # --- a generated mixed text: engine parity and what gets masked -----------------------------------------
 
 def _mixed_text(seed: int = 20260101) -> tuple[str, list[str], list[str]]:
