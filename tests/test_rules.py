@@ -191,6 +191,28 @@ def test_the_s3_host_rules_take_linear_time_on_runs_of_dashes(engine: str) -> No
     assert out == "[b'my-bucket', b'other-bucket']"
 
 
+_YAML_ITEMS_AFTER_A_LONG_INDENT = """
+import sys
+from aws_masker.rules import load_rules
+from aws_masker.scanner import Scanner
+text = (b"\\n" + b" " * 400_000 + b"x\\nBuckets:\\n- CreationDate: '2024-01-01T00:00:00+00:00'\\n"
+        b"  Name: acme.logs.eu\\nRoots:\\n  - Id: r-ab12\\n")
+print(Scanner(load_rules(), sys.argv[1]).scan_values(text))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_line_rules_take_linear_time_on_a_long_indent(engine: str) -> None:
+    # "^[ \\t]*-?[ \\t]*CreationDate" split n blanks at a line start in n^2/2 ways before it failed: 64 KiB of
+    # blanks cost 2.3 s per window (both engines), 400 KB with the Python engine minutes (found by fuzzing).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _YAML_ITEMS_AFTER_A_LONG_INDENT, engine], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.strip()
+    assert out == "[b'acme.logs.eu', b'r-ab12']"
+
+
 # --- a generated mixed text: engine parity and what gets masked -----------------------------------------
 
 def _mixed_text(seed: int = 20260101) -> tuple[str, list[str], list[str]]:
