@@ -526,7 +526,7 @@ class StreamRestorer:
             if ent is _MISS:
                 raw = tok.encode("ascii")
                 orig, glued, placeholder = mapping.get(raw), "", tok
-                if orig is None and (split := glued_split(raw, mapping)) is not None:
+                if orig is None and (split := glued_split(raw, mapping, self._longest)) is not None:
                     glued, placeholder = split[0].decode("ascii"), split[1].decode("ascii")  # "AWS_" + it
                     orig = mapping[split[1]]
                 if orig is None:
