@@ -123,6 +123,10 @@ def test_long_bounded_repeats_are_open_ended_only_in_the_end_database() -> None:
     # escapes and classes are left alone: a literal brace, a brace inside a class
     assert _long_repeats_unbounded(rb"\{1,99\}[{1,99}]a{0,99}") == rb"\{1,99\}[{1,99}]a{0,}"
     assert _long_repeats_unbounded(rb"a{32}b{3,}") == rb"a{32}b{3,}"  # exact and open repeats stay
+    # ... and so do repeats of a group: open-ended, (?:[^\t]*\t){0,40}? reported an end in every row of more
+    # than 40 columns, each searched again 64 KiB back (0.3 s per MB of such rows instead of 0.003 s)
+    assert _long_repeats_unbounded(rb"^X\t(?:[^\t\r\n]*\t){0,40}?(\d{12})(?:a|b){0,99}\){0,99}") == \
+        rb"^X\t(?:[^\t\r\n]*\t){0,40}?(\d{12})(?:a|b){0,99}\){0,}"
     assert _end_pattern(rb"--external-id (?P<x>[\w+=,.@:/-]{2,1224})(?![\w])", 1024)[0] == \
         rb"--external-id (?P<x>[\w+=,.@:/-]{2,})"
 
