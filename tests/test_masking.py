@@ -119,6 +119,33 @@ def test_text_glued_before_an_identifier_that_reads_as_part_of_its_placeholder_i
     assert restore_bytes(b"AWS_AWAWS_ACCOUNT_00012", one) == (b"AWS_AWAWS_ACCOUNT_00012", 0)
 
 
+def test_a_huge_token_costs_memory_in_proportion_to_its_length() -> None:
+    """A token of n bytes has up to n/5 tails that start with AWS_ (n^2/10 bytes): every one was made, so a
+    112 KB token in a request (tokens_in) or a reply (restore) cost 900 MB and ~1 s, 1 MB of them ~90 GB.
+    Now only tails that can be a placeholder of the caller's are made (of the kinds to mint; no longer than
+    the longest placeholder of the mapping)."""
+    import tracemalloc
+
+    from aws_masker.placeholders import tokens_in
+
+    huge = b"AWS_X" + b"AWAWS_X" * 4000 + b"_0001"  # 28 KB: 56 MB of tails
+    glued = b"AWS_X" + b"AWAWS_X" * 4000 + b"AWS_ACCOUNT_0001"
+    one = {b"AWS_ACCOUNT_0001": b"111122223333", b"AWS_X_0001": b"x"}
+    tracemalloc.start()
+    try:
+        avoid = tokens_in(huge + b" " + glued, {"ACCOUNT", "X"})
+        restored = restore_bytes(b"(" + huge + b") " + glued, one)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert avoid == {huge, glued, b"AWS_X_0001", b"AWS_ACCOUNT_0001"}
+    assert restored == (b"(" + huge[:-10] + b"x) " + glued[:-16] + b"111122223333", 2)
+    assert peak < 2_000_000, peak  # (56 MB before)
+    # the tails of other kinds do not matter: a new placeholder is of a kind to mint
+    assert tokens_in(b"AWS_AAWS_EC2_0001", {"ACCOUNT"}) == {b"AWS_AAWS_EC2_0001"}
+    assert tokens_in(b"AWS_AAWS_EC2_0001") == {b"AWS_AAWS_EC2_0001", b"AWS_EC2_0001"}
+
+
 def test_text_without_identifiers_is_returned_unchanged() -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "deploy m5.large in us-east-1a"}]},
                       indent=2).encode()

@@ -459,6 +459,28 @@ def test_what_a_store_remembers_is_bounded(server: RedisServer, ns: str) -> None
     run(with_stores(1, lambda: store(server, ns, remember=60, remember_entries=3), body))
 
 
+def test_after_redis_lost_its_data_a_remembered_placeholder_is_never_shared_with_a_new_original(
+        server: RedisServer, ns: str) -> None:
+    # Redis restarted without persistence (or was flushed) while this proxy still remembers A -> 0001:
+    # the counters start again, so Redis hands the next new original 0001 too. One request holding A and B
+    # would have sent both as AWS_ACCOUNT_0001 (and the reply would restore both to one of them).
+    a, b = accounts(1), accounts(1, base=900000000000)
+
+    async def body(s: RedisStore, other: RedisStore) -> None:
+        assert await s.placeholders_for(a) == [b"AWS_ACCOUNT_0001"]
+        with server.client() as c:
+            c.delete(*ns_keys(server, ns))
+        both = await s.placeholders_for(a + b)
+        assert len(set(both)) == 2, both
+        # ... and what it answers is what Redis now holds, for every proxy of the namespace
+        assert await other.placeholders_for(a + b) == both
+        assert await s.originals_for(both) == {both[0]: a[0][1], both[1]: b[0][1]}
+        # what it remembered before the loss is not answered any more
+        assert await s.placeholders_for(a) == both[:1]
+
+    run(with_stores(2, lambda: store(server, ns, remember=60), body))
+
+
 def test_remember_is_at_most_half_the_ttl_and_never_negative(server: RedisServer, ns: str) -> None:
     s = store(server, ns, ttl=10, remember=60)
     assert s.remember == 5

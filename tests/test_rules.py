@@ -123,6 +123,10 @@ def test_long_bounded_repeats_are_open_ended_only_in_the_end_database() -> None:
     # escapes and classes are left alone: a literal brace, a brace inside a class
     assert _long_repeats_unbounded(rb"\{1,99\}[{1,99}]a{0,99}") == rb"\{1,99\}[{1,99}]a{0,}"
     assert _long_repeats_unbounded(rb"a{32}b{3,}") == rb"a{32}b{3,}"  # exact and open repeats stay
+    # ... and so do repeats of a group: open-ended, (?:[^\t]*\t){0,40}? reported an end in every row of more
+    # than 40 columns, each searched again 64 KiB back (0.3 s per MB of such rows instead of 0.003 s)
+    assert _long_repeats_unbounded(rb"^X\t(?:[^\t\r\n]*\t){0,40}?(\d{12})(?:a|b){0,99}\){0,99}") == \
+        rb"^X\t(?:[^\t\r\n]*\t){0,40}?(\d{12})(?:a|b){0,99}\){0,}"
     assert _end_pattern(rb"--external-id (?P<x>[\w+=,.@:/-]{2,1224})(?![\w])", 1024)[0] == \
         rb"--external-id (?P<x>[\w+=,.@:/-]{2,})"
 
@@ -165,6 +169,52 @@ def test_compiling_the_catalog_gives_the_compilers_working_memory_back() -> None
                          check=True, timeout=120).stdout.split()
     assert out[0] == "hyperscan"
     assert int(out[1]) < 10 * 1024, f"building the scanner added {int(out[1]) / 1024:.1f} MiB of RSS"
+
+
+_S3_HOSTS_AFTER_A_RUN_OF_DASHES = """
+import sys
+from aws_masker.rules import load_rules
+from aws_masker.scanner import Scanner
+dashes = b"-" * 60
+text = (b"see abcd.s3.us" + dashes + b" and s3" + dashes + b"! then my-bucket.s3.amazonaws.com and "
+        b"https://s3.us-east-1.amazonaws.com/other-bucket/key")
+print(Scanner(load_rules(), sys.argv[1]).scan_values(text))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_s3_host_rules_take_linear_time_on_runs_of_dashes(engine: str) -> None:
+    # "(?:[.-][a-z0-9-]+)*" splits a run of dashes in 2^n ways when what follows fails: 40 dashes after
+    # ".s3" took the Python regex 28 s (both engines run it: Hyperscan only finds where to look), 60 hung
+    # the proxy (found by a differential fuzz of the scanner).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _S3_HOSTS_AFTER_A_RUN_OF_DASHES, engine], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.strip()
+    assert out == "[b'my-bucket', b'other-bucket']"
+
+
+_YAML_ITEMS_AFTER_A_LONG_INDENT = """
+import sys
+from aws_masker.rules import load_rules
+from aws_masker.scanner import Scanner
+text = (b"\\n" + b" " * 400_000 + b"x\\nBuckets:\\n- CreationDate: '2024-01-01T00:00:00+00:00'\\n"
+        b"  Name: acme.logs.eu\\nRoots:\\n  - Id: r-ab12\\n")
+print(Scanner(load_rules(), sys.argv[1]).scan_values(text))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_line_rules_take_linear_time_on_a_long_indent(engine: str) -> None:
+    # "^[ \\t]*-?[ \\t]*CreationDate" split n blanks at a line start in n^2/2 ways before it failed: 64 KiB of
+    # blanks cost 2.3 s per window (both engines), 400 KB with the Python engine minutes (found by fuzzing).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _YAML_ITEMS_AFTER_A_LONG_INDENT, engine], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.strip()
+    assert out == "[b'acme.logs.eu', b'r-ab12']"
 
 
 # --- a generated mixed text: engine parity and what gets masked -----------------------------------------

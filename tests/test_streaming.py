@@ -941,6 +941,23 @@ def check_gemini_array(out: bytes, c: Content) -> None:
     assert "finishReason" in chunks[-1]["candidates"][0]
 
 
+def test_placeholders_in_the_keys_of_a_streamed_object_are_restored_as_in_a_whole_reply() -> None:
+    """A function call's arguments keyed by an identifier ({"tags": {"AWS_ACCOUNT_0001": "prod"}}): the
+    whole reply restored its keys (restore_bytes), the stream left them masked (found by a differential fuzz
+    of whole vs streamed replies)."""
+    o0, o4, glued = NAMES["o0"], NAMES["o4"], "AWS_X" + NAMES["o1"]
+    tool = json.dumps({"tags": {o0: "prod", o4: [o4, {glued: 1}]}, "note": "AWS_ACCOUNT_9999"})
+    want = json.loads(restore_bytes(tool.encode(), MAPPING, in_json=True)[0])
+    assert ORIG_OF[o0] in want["tags"] and "AWS_X" + ORIG_OF[NAMES["o1"]] in want["tags"][ORIG_OF[o4]][1]
+    src = gemini_stream(7, c=SHORT._replace(tool=tool))
+    for cuts in (None, 1, 50):
+        out, _, _ = run(src, cuts)
+        calls = [p["functionCall"]["args"] for _, d in valid_events(out)
+                 for cand in json.loads(d)["candidates"] for p in cand["content"]["parts"]
+                 if "functionCall" in p]
+        assert calls == [want], cuts
+
+
 def test_gemini_json_array_stream_every_cut() -> None:
     """Without alt=sse Gemini streams a JSON array: a placeholder cut between two of its elements is held
     back and restored as between two SSE events, wherever the reads are cut."""

@@ -49,6 +49,7 @@ ENVS = ("production", "development")
 FORWARDED_UNMASKED = "aws_masker_fail_open"  # flow.metadata: masker_fail_open let this flow through
 TEXT_LOG_LIMIT = 1 << 20  # development: restored text of a streamed reply kept for mitmweb
 RECENT_LIMIT = 10_000  # namespace scope: placeholders kept for restoring streamed replies
+MAX_GLUED_TAIL = 256  # namespace scope: longest placeholder looked up in the store at the end of a token
 STORES = ("auto", "memory", "redis")
 SCOPES = ("request", "namespace")
 EVENT_OPTIONS = {"masker_events_channel", "masker_events_stream", "masker_events_stream_maxlen",
@@ -648,9 +649,10 @@ class AwsMasker:
             items = [*items, *(k for k in dict.fromkeys(path_keys) if k not in known)]
         # Placeholders the request holds as text (one the model invented, come back in the history): a new
         # identifier must not get one of them, or the model would read both as one and the reply restore both.
-        avoid = tokens_in(content) | tokens_in(path)
+        kinds = {kind for kind, _ in items}  # (a new placeholder is of one of them)
+        avoid = tokens_in(content, kinds) | tokens_in(path, kinds)
         for text in plan.decoded_texts:  # a base64 document, a UTF-16 body: the text the model reads
-            avoid |= tokens_in(text)
+            avoid |= tokens_in(text, kinds)
         placeholders = await self.store.placeholders_for(items, avoid)
         body_placeholders = placeholders[:len(plan.items)]
         rules = plan.placeholder_rules(body_placeholders)
@@ -826,8 +828,10 @@ class AwsMasker:
         if not self.namespace_scope or content.find(PREFIX) < 0:
             return state.mapping
         tokens = TOKEN_RE.findall(content)
-        unknown = [t for t in dict.fromkeys(tokens + [g for t in tokens for g in glued_suffixes(t)])
-                   if t not in state.mapping]  # (and what a token glued after other text may be)
+        # (and what a token glued after other text may be: its tails up to MAX_GLUED_TAIL bytes, not all
+        # of a huge token's, n^2/10 bytes)
+        tails = [g for t in tokens for g in glued_suffixes(t, MAX_GLUED_TAIL)]
+        unknown = [t for t in dict.fromkeys(tokens + tails) if t not in state.mapping]
         if not unknown:
             return state.mapping
         try:

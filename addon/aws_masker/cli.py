@@ -159,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UnreadableBody as e:
             return _fail(f"{'stdin' if name == '-' else name}: {e}")
         # (a placeholder the input holds as text is never handed to a new identifier, as in the proxy)
-        avoid = tokens_in(content).union(*map(tokens_in, plan.decoded_texts))
+        kinds = {kind for kind, _ in plan.items}
+        avoid = tokens_in(content, kinds).union(*(tokens_in(t, kinds) for t in plan.decoded_texts))
         placeholders = store.lookup(plan.items, avoid)
         masked, _ = plan.render(placeholders)
         mask_ms += (time.perf_counter() - t1) * 1000

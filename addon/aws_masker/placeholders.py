@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 PREFIX = b"AWS_"
 KIND_RE = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z][A-Z0-9]*)*$")
@@ -51,31 +52,52 @@ def json_escape(original: bytes) -> bytes:
     return _JSON_SPECIAL.sub(lambda m: _JSON_ESCAPES[m.group(0)[0]], original)
 
 
-def glued_suffixes(token: bytes) -> list[bytes]:
+def glued_suffixes(token: bytes, longest: int | None = None) -> list[bytes]:
     """The placeholders ``token`` could end in, longest first: its tails that start with ``AWS_``
     (``AWS_AWS_EC2_INSTANCE_0001`` -> ``AWS_EC2_INSTANCE_0001``; also ``AWS_XAWS_EC2_INSTANCE_0001``: a
-    stream cut after ``AWS_X`` restores that placeholder, so the whole reply must too)."""
+    stream cut after ``AWS_X`` restores that placeholder, so the whole reply must too); with ``longest``
+    only those of at most that many bytes (a longer one is no placeholder of the caller's: a token of n
+    bytes has up to n/5 tails, n^2/10 bytes in all, and a reply or request may hold a huge one)."""
     out = []
-    i = token.find(PREFIX, 1)
+    start = 1 if longest is None else max(1, len(token) - longest)
+    i = token.find(PREFIX, start)
     while i >= 0:
         out.append(token[i:])
         i = token.find(PREFIX, i + 1)
     return out
 
 
-def tokens_in(data: bytes) -> set[bytes]:
+def tokens_in(data: bytes, kinds: Iterable[str] | None = None) -> set[bytes]:
     """The placeholder tokens ``data`` holds as text, and those they may end in (as a reply is restored):
-    what a new identifier must not get (see ``Store.placeholders_for``)."""
+    what a new identifier must not get (see ``Store.placeholders_for``).
+
+    With ``kinds`` (those of the identifiers to be given placeholders) only the tails of those kinds: a new
+    placeholder is of one of them, and a token's tails are quadratic in its length (a 112 KB token had
+    900 MB of them); each is then checked with one ``endswith`` per kind."""
     if data.find(PREFIX) < 0:
         return set()
     tokens = set(TOKEN_RE.findall(data))
-    return tokens.union(*map(glued_suffixes, tokens))
+    if kinds is None:
+        return tokens.union(*map(glued_suffixes, tokens))
+    heads = [_kind_prefix(k) for k in set(kinds)]
+    out = set(tokens)
+    for t in tokens:
+        digits = t[t.rindex(b"_") + 1:]
+        for head in heads:
+            tail = head + digits
+            if len(tail) < len(t) and t.endswith(tail):
+                out.add(tail)
+    return out
 
 
-def glued_split(token: bytes, mapping: dict[bytes, bytes]) -> tuple[bytes, bytes] | None:
+def glued_split(token: bytes, mapping: dict[bytes, bytes],
+                longest: int | None = None) -> tuple[bytes, bytes] | None:
     """(the text glued before it, the placeholder) for a ``token`` that is no placeholder of ``mapping``
-    but ends in one (the longest such); None when it does not."""
-    for tail in glued_suffixes(token):
+    but ends in one (the longest such); None when it does not. ``longest``: that of ``mapping``'s keys
+    (computed when not given)."""
+    if longest is None:
+        longest = max(map(len, mapping), default=0)
+    for tail in glued_suffixes(token, longest):
         if tail in mapping:
             return token[:len(token) - len(tail)], tail
     return None
@@ -96,7 +118,9 @@ def restore_bytes(data: bytes, mapping: dict[bytes, bytes], seen: Counter[bytes]
     tokens = parts[1::2]
     known = [t for t in tokens if t in mapping]
     if len(known) < len(tokens):  # text glued before a placeholder?
-        glued = {t: g for t in tokens if t not in mapping and (g := glued_split(t, mapping)) is not None}
+        longest = max(map(len, mapping))
+        glued = {t: g for t in tokens
+                 if t not in mapping and (g := glued_split(t, mapping, longest)) is not None}
         if glued:
             for k, t in enumerate(tokens):
                 if t in glued:  # the glued text goes back as text, before the placeholder's original

@@ -17,7 +17,9 @@ Layout (``ns`` is the namespace, ``aws-masker`` by default)::
   them without a round trip: a mapping never changes while it lives, and a conversation sends the same
   identifiers every turn. A remembered item is asked again after ``remember`` seconds, which refreshes its
   TTL in Redis, so a mapping in use lives at least ``ttl - remember`` seconds after its last use. A request
-  whose identifiers are all remembered is masked even while Redis is down.
+  whose identifiers are all remembered is masked even while Redis is down. Should Redis, after losing its
+  data, give a new original a placeholder the proxy remembers for another in the same request, the proxy
+  forgets all it remembers and asks for the whole request again.
 * Counters have no TTL on purpose: a counter that expired or was reset would hand out numbers again,
   and a number still present in a conversation would then be restored to another original. They are a
   few bytes per kind. Run Redis with ``maxmemory-policy noeviction`` or a ``volatile-*`` policy (every
@@ -414,7 +416,18 @@ class RedisStore:
         missing = [item for item, hit in zip(items, found, strict=True) if hit is None]
         if not missing:
             return [hit[0] for hit in found]  # type: ignore[index]
-        fetched = iter(await self._lookup_or_mint(missing, avoid))
+        new = await self._lookup_or_mint(missing, avoid)
+        answered = {hit[0] for hit in found if hit is not None}
+        if not answered.isdisjoint(new):
+            # Redis gave a new original a placeholder this proxy remembers for another: it lost its data
+            # (restart without persistence, flush) and counts from 0001 again. Nothing remembered can be
+            # trusted; the whole request is asked again, so its originals get distinct placeholders.
+            remembered.clear()
+            out = await self._lookup_or_mint(items, avoid)
+            for item, placeholder in zip(items, out, strict=True):
+                remembered[item] = (placeholder, now)
+            return out
+        fetched = iter(new)
         out = []
         for item, hit in zip(items, found, strict=True):
             if hit is None:

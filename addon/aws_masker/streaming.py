@@ -526,7 +526,7 @@ class StreamRestorer:
             if ent is _MISS:
                 raw = tok.encode("ascii")
                 orig, glued, placeholder = mapping.get(raw), "", tok
-                if orig is None and (split := glued_split(raw, mapping)) is not None:
+                if orig is None and (split := glued_split(raw, mapping, self._longest)) is not None:
                     glued, placeholder = split[0].decode("ascii"), split[1].decode("ascii")  # "AWS_" + it
                     orig = mapping[split[1]]
                 if orig is None:
@@ -803,6 +803,20 @@ class StreamRestorer:
 
     def _walk(self, o: Any) -> int:
         n = 0
+        if isinstance(o, dict) and any("AWS_" in k for k in o):
+            # Keys too (a tool's arguments keyed by account: {"AWS_ACCOUNT_0001": "prod"}), as restore_bytes
+            # restores them in a whole reply. Keys that become equal keep the first's place and the last's
+            # value, as a JSON parser reads the whole reply.
+            pairs = []
+            for k, v in o.items():
+                if "AWS_" in k:
+                    k, c = self._restore_str(k, TEXT)
+                    n += c
+                pairs.append((k, v))
+            if n:
+                o.clear()
+                for k, v in pairs:
+                    o[k] = v
         items: Any = o.items() if isinstance(o, dict) else enumerate(o)
         for k, v in items:
             if isinstance(v, str):
