@@ -317,3 +317,13 @@ def test_internal_error_is_500_and_the_log_never_quotes_the_error_text(masker, c
     assert "internal error" in caplog.text and SECRET_ID.decode() not in caplog.text
     # The broken masker cannot scrub the path for the log line either: the block stands, the path is withheld.
     assert "(path withheld)" in caplog.text
+
+
+def test_what_a_redis_store_remembers_is_bounded_by_the_options(masker) -> None:
+    # masker_max_entries bounds the memory store; a proxy using Redis remembers at most 20,000 (~6 MB)
+    addon, tctx = masker
+    tctx.configure(addon, masker_redis_url="redis://127.0.0.1:1/0", masker_events_channel="")
+    assert addon.store.name == "redis"
+    assert (addon.store.remember, addon.store._remember_entries) == (60, 20_000)
+    tctx.configure(addon, masker_max_entries=50, masker_redis_remember=0)
+    assert (addon.store.remember, addon.store._remember_entries) == (0, 50)

@@ -234,7 +234,7 @@ class AwsMasker:
         loader.add_option(
             "masker_max_entries", int, 100000,
             "Most mappings the memory store keeps (least recently used go first); also the most a proxy "
-            "using Redis remembers (see masker_redis_remember).",
+            "using Redis remembers (see masker_redis_remember; 20,000 at most).",
         )
         loader.add_option(
             "masker_redis_remember", int, 60,
@@ -403,7 +403,7 @@ class AwsMasker:
         return self.redis
 
     def _make_redis_store(self) -> Store:
-        from .redis_store import RedisStore, keys_from_secret, load_store_key
+        from .redis_store import REMEMBER_ENTRIES, RedisStore, keys_from_secret, load_store_key
 
         opts = ctx.options
         if not opts.masker_redis_url:
@@ -424,7 +424,7 @@ class AwsMasker:
         try:
             return RedisStore(self.redis, opts.masker_namespace, opts.masker_ttl, hmac_key=hmac_key,
                               enc_key=enc_key, previous_keys=previous, remember=opts.masker_redis_remember,
-                              remember_entries=opts.masker_max_entries)
+                              remember_entries=min(opts.masker_max_entries, REMEMBER_ENTRIES))
         except ValueError as e:
             raise exceptions.OptionsError(f"masker_namespace: {opts.masker_namespace!r}: {e}") from None
 

@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "aws-masker"
 DEFAULT_TTL = 604_800
 DEFAULT_REMEMBER = 60  # seconds a proxy answers a mapping it got from Redis without asking again
+REMEMBER_ENTRIES = 20_000  # ... and how many it keeps at most (~0.3 KB each: ~6 MB)
 CHUNK_SIZE = 1000
 MIN_SECRET_LEN = 16
 
@@ -319,7 +320,7 @@ class RedisStore:
                  ttl: int = DEFAULT_TTL, *, hmac_key: bytes | None, enc_key: bytes | None = None,
                  previous_keys: Sequence[tuple[bytes, bytes | None]] = (), chunk_size: int = CHUNK_SIZE,
                  owns_client: bool = False, remember: float = DEFAULT_REMEMBER,
-                 remember_entries: int = 100_000) -> None:
+                 remember_entries: int = REMEMBER_ENTRIES) -> None:
         if isinstance(client_or_pool, ConnectionPool):
             self.client = Redis(connection_pool=client_or_pool)  # does not close the shared pool
             self._owns_client = True
@@ -361,7 +362,7 @@ class RedisStore:
     def from_url(cls, url: str, namespace: str = DEFAULT_NAMESPACE, ttl: int = DEFAULT_TTL, *,
                  hmac_key: bytes | None, enc_key: bytes | None = None,
                  previous_keys: Sequence[tuple[bytes, bytes | None]] = (), chunk_size: int = CHUNK_SIZE,
-                 remember: float = DEFAULT_REMEMBER, remember_entries: int = 100_000,
+                 remember: float = DEFAULT_REMEMBER, remember_entries: int = REMEMBER_ENTRIES,
                  **client_kwargs: Any) -> RedisStore:
         """A store with its own client, closed by ``close()``; ``client_kwargs`` go to ``make_redis_pool``."""
         return cls(make_redis_client(url, **client_kwargs), namespace, ttl, hmac_key=hmac_key,
