@@ -171,15 +171,22 @@ def test_compiling_the_catalog_gives_the_compilers_working_memory_back() -> None
     assert int(out[1]) < 10 * 1024, f"building the scanner added {int(out[1]) / 1024:.1f} MiB of RSS"
 
 
-_S3_HOSTS_AFTER_A_RUN_OF_DASHES = """
+_SCAN_STDIN = """
 import sys
 from aws_masker.rules import load_rules
 from aws_masker.scanner import Scanner
-dashes = b"-" * 60
-text = (b"see abcd.s3.us" + dashes + b" and s3" + dashes + b"! then my-bucket.s3.amazonaws.com and "
-        b"https://s3.us-east-1.amazonaws.com/other-bucket/key")
-print(Scanner(load_rules(), sys.argv[1]).scan_values(text))
+print(Scanner(load_rules(), sys.argv[1]).scan_values(sys.stdin.buffer.read()))
 """
+
+
+def _scan_in_a_child(engine: str, text: bytes) -> str:
+    """The values ``engine`` masks in ``text``, scanned by a child process that must finish within 60 s (a
+    regex that backtracks badly would hang the test run itself)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _SCAN_STDIN, engine], input=text, capture_output=True,
+                          check=True, timeout=60).stdout.decode().strip()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -187,34 +194,19 @@ def test_the_s3_host_rules_take_linear_time_on_runs_of_dashes(engine: str) -> No
     # "(?:[.-][a-z0-9-]+)*" splits a run of dashes in 2^n ways when what follows fails: 40 dashes after
     # ".s3" took the Python regex 28 s (both engines run it: Hyperscan only finds where to look), 60 hung
     # the proxy (found by a differential fuzz of the scanner).
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _S3_HOSTS_AFTER_A_RUN_OF_DASHES, engine], capture_output=True,
-                         text=True, check=True, timeout=60).stdout.strip()
-    assert out == "[b'my-bucket', b'other-bucket']"
-
-
-_YAML_ITEMS_AFTER_A_LONG_INDENT = """
-import sys
-from aws_masker.rules import load_rules
-from aws_masker.scanner import Scanner
-text = (b"\\n" + b" " * 400_000 + b"x\\nBuckets:\\n- CreationDate: '2024-01-01T00:00:00+00:00'\\n"
-        b"  Name: acme.logs.eu\\nRoots:\\n  - Id: r-ab12\\n")
-print(Scanner(load_rules(), sys.argv[1]).scan_values(text))
-"""
+    dashes = b"-" * 60
+    text = (b"see abcd.s3.us" + dashes + b" and s3" + dashes + b"! then my-bucket.s3.amazonaws.com and "
+            b"https://s3.us-east-1.amazonaws.com/other-bucket/key")
+    assert _scan_in_a_child(engine, text) == "[b'my-bucket', b'other-bucket']"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_line_rules_take_linear_time_on_a_long_indent(engine: str) -> None:
     # "^[ \\t]*-?[ \\t]*CreationDate" split n blanks at a line start in n^2/2 ways before it failed: 64 KiB of
     # blanks cost 2.3 s per window (both engines), 400 KB with the Python engine minutes (found by fuzzing).
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _YAML_ITEMS_AFTER_A_LONG_INDENT, engine], capture_output=True,
-                         text=True, check=True, timeout=60).stdout.strip()
-    assert out == "[b'acme.logs.eu', b'r-ab12']"
+    text = (b"\n" + b" " * 400_000 + b"x\nBuckets:\n- CreationDate: '2024-01-01T00:00:00+00:00'\n"
+            b"  Name: acme.logs.eu\nRoots:\n  - Id: r-ab12\n")
+    assert _scan_in_a_child(engine, text) == "[b'acme.logs.eu', b'r-ab12']"
 
 
 # --- a generated mixed text: engine parity and what gets masked -----------------------------------------
