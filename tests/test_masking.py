@@ -772,11 +772,17 @@ def test_names_inside_composite_arn_resources_are_masked_where_they_repeat() -> 
                          "events": [{"message": "(service orders-api) has reached a steady state."}]}],
            "nodegroup": {"nodegroupName": "orders-ng-spot",
                          "nodegroupArn": "arn:aws:eks:us-east-1:111122223333:nodegroup/orders-eks/"
-                                         "orders-ng-spot/a2c2d3e4-1f2a-4b5c-8d9e-0a1b2c3d4e5f"}}
+                                         "orders-ng-spot/a2c2d3e4-1f2a-4b5c-8d9e-0a1b2c3d4e5f"},
+           "execution": {"executionArn": "arn:aws:states:us-east-1:111122223333:execution:orders-pipeline:"
+                                         "run-2026-12-07-a1", "name": "run-2026-12-07-a1"},
+           "jobDefinitions": [{"jobDefinitionName": "orders-etl", "revision": 7,
+                               "jobDefinitionArn": "arn:aws:batch:us-east-1:111122223333:"
+                                                   "job-definition/orders-etl:7"}]}
     body = json.dumps(doc).encode()
     out, mapping = mask(body, "application/json")
     for name in (b"orders-alb", b"orders-tg", b"orders-api", b"orders-cluster", b"orders-task",
-                 b"orders-ng-spot", b"orders-eks", b"50dc6c495c0c9188", b"111122223333"):
+                 b"orders-ng-spot", b"orders-eks", b"run-2026-12-07-a1", b"orders-etl", b"50dc6c495c0c9188",
+                 b"111122223333"):
         assert name not in out, name
     assert b"task-definition/AWS_ARN_ECS_" in out and b":42" in out  # the revision stays
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
