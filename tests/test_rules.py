@@ -332,6 +332,17 @@ def test_a_group_that_starts_inside_a_hit_and_runs_past_it_is_masked_past_it(eng
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_match_that_starts_inside_a_hit_and_runs_into_its_context_is_masked_there(engine: str) -> None:
+    """A Session Manager session ID is NAME-17 hex, and only NAME is masked: a VPC endpoint service ID written
+    there gave its "vpce-svc" to NAME, and its 17 hex digits, the part that identifies it, were forwarded."""
+    data = b"SessionId: vpce-svc-0a1b2c3d4e5f67890\n"
+    assert full_scanner(engine).scan_values(data) == [b"vpce-svc", b"-0a1b2c3d4e5f67890"]
+    # an identifier wholly inside the unmasked context is masked whole, as before
+    data = b"SessionId: jdoe-0a1b2c3d4e5f67890 for i-0123456789abcdef0\n"
+    assert full_scanner(engine).scan_values(data) == [b"jdoe", b"i-0123456789abcdef0"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_line_anchored_rules_are_found_far_into_a_text(engine: str) -> None:
     # Hyperscan lost a (?m)^ match more than ~60 bytes in when its database held two such patterns
     line = b"aws_iam_role.deploy: Refreshing state... [id=deploy-bot]\n"

@@ -456,6 +456,7 @@ class Scanner:
         gap_rule = -1  # ... and its rule (whose own later matches there the Python engine never sees)
         inner = 0  # end of the last candidate accepted in a gap
         last: Hit | None = None  # the hit that ends last (hits[-1] may be one accepted in a gap)
+        parts: list[Hit] = []  # the masked parts of the match accepted last
         unsorted = False
         for start, neg_end, rid, m in cands:
             end = -neg_end
@@ -475,11 +476,26 @@ class Scanner:
                                   for h in self._expand(rid, m) if h[1] > pos]
                         if beyond:
                             hits.extend(beyond)
+                            parts = beyond
                             gaps = _gaps(pos, end, beyond)
                             gap_rule = pos_rule = rid
                             pos = end
                             if last is None or beyond[-1][1] > last[1]:
                                 last = beyond[-1]
+                    elif gaps and end > inner and rid != gap_rule and follows[rid] is None \
+                            and any(p[0] <= start < p[1] for p in parts) and self._acceptable(rid, m):
+                        # A match that starts inside a masked part of the last one and runs on into a part
+                        # it does not mask (a VPC endpoint service ID taken for the user name of a Session
+                        # Manager session ID, NAME-17 hex): its groups are masked there too.
+                        simple = plain[rid]
+                        pieces = _in_gaps([_new_hit(Hit, (start, end, *simple))] if simple is not None
+                                          else self._expand(rid, m), gaps, inner)
+                        if pieces:
+                            hits.extend(pieces)
+                            inner = end
+                            unsorted = True
+                            if last is None or pieces[-1][1] > last[1]:
+                                last = pieces[-1]
                     continue
                 if follows[rid] is not None or not self._acceptable(rid, m):
                     continue
@@ -939,6 +955,17 @@ def _gaps(start: int, end: int, parts: list[Hit]) -> list[tuple[int, int]]:
         at = max(at, h[1])
     if end - at >= MIN_GAP:
         out.append((at, end))
+    return out
+
+
+def _in_gaps(parts: list[Hit], gaps: list[tuple[int, int]], after: int) -> list[Hit]:
+    """The pieces of ``parts`` (sorted) that lie in ``gaps`` and after ``after``."""
+    out = []
+    for h in parts:
+        for gs, ge in gaps:
+            s, e = max(h[0], gs, after), min(h[1], ge)
+            if s < e:
+                out.append(h if (s, e) == (h[0], h[1]) else _new_hit(Hit, (s, e, h[2], h[3])))
     return out
 
 
