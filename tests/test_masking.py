@@ -757,8 +757,9 @@ def test_member_accounts_of_an_organization_are_masked_wherever_they_stand(text:
 
 
 def test_names_inside_composite_arn_resources_are_masked_where_they_repeat() -> None:
-    # ELB and ECS ARNs hold a name beside an ID (loadbalancer/app/NAME/ID, service/CLUSTER/SERVICE): taken for
-    # one name, the name in LoadBalancerName / serviceName / TargetGroupName was forwarded.
+    # ELB and ECS ARNs hold a name beside an ID (loadbalancer/app/NAME/ID, service/CLUSTER/SERVICE), Glue's a
+    # table beside its database, DynamoDB's a stream beside its table: taken for one name, the name in
+    # LoadBalancerName / serviceName / TargetGroupName / DatabaseName, or in a log line, was forwarded.
     doc = {"LoadBalancers": [{"LoadBalancerArn": "arn:aws:elasticloadbalancing:us-east-1:111122223333:"
                                                  "loadbalancer/app/orders-alb/50dc6c495c0c9188",
                               "LoadBalancerName": "orders-alb"}],
@@ -777,12 +778,20 @@ def test_names_inside_composite_arn_resources_are_masked_where_they_repeat() -> 
                                          "run-2026-12-07-a1", "name": "run-2026-12-07-a1"},
            "jobDefinitions": [{"jobDefinitionName": "orders-etl", "revision": 7,
                                "jobDefinitionArn": "arn:aws:batch:us-east-1:111122223333:"
-                                                   "job-definition/orders-etl:7"}]}
+                                                   "job-definition/orders-etl:7"}],
+           "Table": {"Name": "orders_2026", "DatabaseName": "sales_db",
+                     "arn": "arn:aws:glue:us-east-1:111122223333:table/sales_db/orders_2026"},
+           "mapRun": {"mapRunArn": "arn:aws:states:us-east-1:111122223333:mapRun:orders-pipeline/"
+                                   "ProcessOrders:2f1e5c3a-8b7d-4e6f-9a0b-1c2d3e4f5a6b",
+                      "note": "the ProcessOrders map state of orders-pipeline"},
+           "Records": [{"eventSourceARN": "arn:aws:dynamodb:us-east-1:111122223333:table/orders-table/stream/"
+                                          "2026-01-01T00:00:00.000"}],
+           "log": "processed 3 records of orders-table"}
     body = json.dumps(doc).encode()
     out, mapping = mask(body, "application/json")
     for name in (b"orders-alb", b"orders-tg", b"orders-api", b"orders-cluster", b"orders-task",
                  b"orders-ng-spot", b"orders-eks", b"run-2026-12-07-a1", b"orders-etl", b"50dc6c495c0c9188",
-                 b"111122223333"):
+                 b"111122223333", b"orders_2026", b"sales_db", b"ProcessOrders", b"orders-table"):
         assert name not in out, name
     assert b"task-definition/AWS_ARN_ECS_" in out and b":42" in out  # the revision stays
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
