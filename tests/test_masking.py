@@ -790,13 +790,17 @@ def test_names_inside_composite_arn_resources_are_masked_where_they_repeat() -> 
            "Consumers": [{"ConsumerARN": "arn:aws:kinesis:us-east-1:111122223333:stream/orders-stream/"
                                         "consumer/orders-consumer:1700000000"}],
            "Rules": [{"Arn": "arn:aws:events:us-east-1:111122223333:rule/orders-bus/nightly-orders"}],
-           "question": "why does nightly-orders on orders-bus lag behind orders-stream?"}
+           "question": "why does nightly-orders on orders-bus lag behind orders-stream?",
+           "SecretList": [{"ARN": "arn:aws:secretsmanager:us-east-1:111122223333:secret:prod/orders/"
+                                  "db-password-AbCdEf"}],
+           "todo": "rotate prod/orders/db-password"}
     body = json.dumps(doc).encode()
     out, mapping = mask(body, "application/json")
     for name in (b"orders-alb", b"orders-tg", b"orders-api", b"orders-cluster", b"orders-task",
                  b"orders-ng-spot", b"orders-eks", b"run-2026-12-07-a1", b"orders-etl", b"50dc6c495c0c9188",
                  b"111122223333", b"orders_2026", b"sales_db", b"ProcessOrders", b"orders-table",
-                 b"orders-stream", b"orders-consumer", b"orders-bus", b"nightly-orders"):
+                 b"orders-stream", b"orders-consumer", b"orders-bus", b"nightly-orders",
+                 b"prod/orders/db-password"):
         assert name not in out, name
     assert b"task-definition/AWS_ARN_ECS_" in out and b":42" in out  # the revision stays
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
