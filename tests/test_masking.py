@@ -793,14 +793,20 @@ def test_names_inside_composite_arn_resources_are_masked_where_they_repeat() -> 
            "question": "why does nightly-orders on orders-bus lag behind orders-stream?",
            "SecretList": [{"ARN": "arn:aws:secretsmanager:us-east-1:111122223333:secret:prod/orders/"
                                   "db-password-AbCdEf"}],
-           "todo": "rotate prod/orders/db-password"}
+           "todo": "rotate prod/orders/db-password",
+           # a pipeline's name, an API ID of letters only: the generic rule took them for a resource type
+           "pipelineArn": "arn:aws:codepipeline:us-east-1:111122223333:orders-pipe/Deploy/DeployToProd",
+           "methodArn": "arn:aws:execute-api:us-east-1:111122223333:abcdefghij/prod/GET/orders",
+           "ServiceArn": "arn:aws:apprunner:us-east-1:111122223333:service/orders-svc/"
+                         "0123456789abcdef0123456789abcdef",
+           "status": "orders-svc is RUNNING"}
     body = json.dumps(doc).encode()
     out, mapping = mask(body, "application/json")
     for name in (b"orders-alb", b"orders-tg", b"orders-api", b"orders-cluster", b"orders-task",
                  b"orders-ng-spot", b"orders-eks", b"run-2026-12-07-a1", b"orders-etl", b"50dc6c495c0c9188",
                  b"111122223333", b"orders_2026", b"sales_db", b"ProcessOrders", b"orders-table",
                  b"orders-stream", b"orders-consumer", b"orders-bus", b"nightly-orders",
-                 b"prod/orders/db-password"):
+                 b"prod/orders/db-password", b"orders-pipe", b"DeployToProd", b"abcdefghij", b"orders-svc"):
         assert name not in out, name
     assert b"task-definition/AWS_ARN_ECS_" in out and b":42" in out  # the revision stays
     assert json.loads(restore_bytes(out, mapping, in_json=True)[0]) == doc
