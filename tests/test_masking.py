@@ -855,6 +855,17 @@ def test_a_repeat_inside_a_longer_name_is_not_masked(text: str) -> None:
     assert out.endswith(text.encode())
 
 
+@pytest.mark.parametrize("text", [
+    "ssh -i ~/.ssh/deploy-bot-prod.pem ec2-user@host",
+    "saved to deploy-bot-prod.tar.gz, see deploy-bot-prod.json.",
+])
+def test_a_repeat_before_a_files_extension_is_masked(text: str) -> None:
+    body = f"role arn:aws:iam::123456789012:role/deploy-bot-prod\n{text}".encode()
+    out, mapping = mask(body, "text/plain")
+    assert b"deploy-bot-prod" not in out
+    assert restore_bytes(out, mapping)[0] == body
+
+
 def test_only_what_rules_find_by_context_is_searched_for_repeats() -> None:
     standalone = SCANNER.standalone_rules()
     assert {"aws-ec2-instance-id", "ipv4-address", "aws-access-key-id"} <= standalone  # found anywhere

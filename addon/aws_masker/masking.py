@@ -958,6 +958,12 @@ _NAME_ESCAPE = re.compile(rb"\\u00(?:2[b-fB-F]|3[0-9dD]|4[0-9a-fA-F]|5[0-9aAfF]|
 _ORIGINAL = operator.itemgetter(1)
 _REPEATABLE = re.compile(rb"[A-Za-z0-9._@=,+/-]{5,256}")  # no quote, backslash, "%", colon or space
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# A file's extension after a name (a key pair's "deploy-key.pem", a stack's "orders-stack.yaml", a bucket's
+# "acme-logs.tar.gz"): the name stands on its own there, unlike before a hostname's next label. No
+# extension that is also a common top-level domain.
+_FILE_SUFFIX = re.compile(rb"(?:\.(?:pem|ppk|pub|key|crt|cer|p12|pfx|json|jsonl|csv|tsv|log|txt|ya?ml|toml|"
+                          rb"tf|tfvars|tfstate|tfplan|hcl|zip|gz|tgz|bz2|xz|zst|tar|parquet|avro|orc|sh|ps1|sql|env|"
+                          rb"ini|cfg|conf|out|err|bak|backup|dump|snap))+(?![A-Za-z0-9_-]|\.[A-Za-z0-9])")
 
 
 def _repeatable(original: bytes) -> bool:
@@ -973,9 +979,9 @@ def _repeatable(original: bytes) -> bool:
 def repeats_in(data: bytes, hits: Sequence[Hit], names: dict[bytes, str]) -> list[tuple[Hit, Key]]:
     """Where the ``names`` (original -> kind) stand on their own in ``data`` outside ``hits``: not inside a
     longer name (a letter, digit, ``_`` or ``-`` on either side, or a ``.`` that a letter or digit follows,
-    as in a hostname). The letters of a backslash escape (``\\n``, ``\\u201c``: JSON in a JSON string)
-    and terminal colours before or after a name are separators. Leftmost first, the longest at one start,
-    no overlaps."""
+    as in a hostname — but not a file's extension: ``deploy-key.pem``). The letters of a backslash escape
+    (``\\n``, ``\\u201c``: JSON in a JSON string) and terminal colours before or after a name are
+    separators. Leftmost first, the longest at one start, no overlaps."""
     found: list[tuple[Hit, Key]] = []
     size = len(data)
     view = data  # where the bytes around a name are read: escapes and colours as blanks (same length)
@@ -987,7 +993,8 @@ def repeats_in(data: bytes, hits: Sequence[Hit], names: dict[bytes, str]) -> lis
             e = i + len(original)
             if (i == 0 or (view[i - 1] not in _NAME_BYTES and view[i - 1] != 0x2E)) and (
                     e == size or (view[e] not in _NAME_BYTES and not (
-                        view[e] == 0x2E and e + 1 < size and view[e + 1] in _NAME_BYTES))) \
+                        view[e] == 0x2E and e + 1 < size and view[e + 1] in _NAME_BYTES
+                        and _FILE_SUFFIX.match(view, e) is None))) \
                     and (view is data or (view[i] == data[i] and view[e - 1] == data[e - 1])):
                 # (a name that is itself read as blanks — the start of a line number "1234567890120→" — is
                 # inside what was blanked, not beside it)
