@@ -528,6 +528,30 @@ def _rule_file(tmp_path: Path, name: str, *rules: dict[str, str]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_rule_whose_group_is_its_whole_match_scans(tmp_path: Path, engine: str) -> None:
+    """A group that is an ID of its own (a prefix and hex digits) is looked up by the other rules, to take
+    their kind; a rule whose group is the whole of its match found that match again, endlessly
+    (RecursionError: an SSO instance or permission set ID rule of two groups)."""
+    path = tmp_path / "ids.yaml"
+    path.write_text("""rules:
+  - id: widget-ids
+    description: test rule with a group per kind of widget ID
+    regex: '(?<![\\w-])(?:(?P<a>wa-[0-9a-f]{16})|wb-(?P<b>[0-9a-f]{8}))(?![\\w-])'
+    keywords: ["wa-", "wb-"]
+    groups: {a: WIDGET_A, b: WIDGET_B}
+    examples:
+      - text: "wa-0123456789abcdef and wb-01234567"
+        masked: ["wa-0123456789abcdef", "01234567"]
+    counterexamples:
+      - "wa-0123"
+      - "xwa-0123456789abcdef"
+""", encoding="utf-8")
+    scanner = Scanner(load_rules([path], builtin=False), engine)
+    hits = scanner.scan(b"id wa-0123456789abcdef, wb-01234567")
+    assert [(h.kind, h.end - h.start) for h in hits] == [("WIDGET_A", 19), ("WIDGET_B", 8)]
+
+
 def test_a_valid_extra_rule_file_loads(tmp_path: Path) -> None:
     path = _rule_file(tmp_path, "ok.yaml", {})
     rules = load_rules([path], builtin=False)

@@ -557,8 +557,10 @@ class Scanner:
                 kind = _filled(kind, tuple(map(m.group, names)))
             if several:
                 # A group that is on its own an identifier of another rule (the instance ID in an instance
-                # ARN) takes that rule's kind, so it gets the same placeholder everywhere.
-                kind = self._inner_kind(m.string[s:e], kind)
+                # ARN) takes that rule's kind, so it gets the same placeholder everywhere. (A group that is
+                # the whole match is this rule's own: looking inside it finds this match again, endlessly.)
+                if (s, e) != m.span():
+                    kind = self._inner_kind(m.string[s:e], kind)
             out.append(_new_hit(Hit, (s, e, kind, rule_id)))
         if several:
             out.sort()
