@@ -855,6 +855,38 @@ def test_a_repeat_inside_a_longer_name_is_not_masked(text: str) -> None:
     assert out.endswith(text.encode())
 
 
+PASTED_BY_A_DEVELOPER = "\n".join((
+    # found leaking by a recall hunt on CLI output, Terraform, boto3 code and CI scripts
+    'ddb = boto3.resource("dynamodb").Table("payments-ledger-prod")',
+    "Processing 3 records from payments-ledger-prod",
+    'resource "aws_instance" "bastion" {',
+    '  key_name             = "acme-bastion"',
+    '  iam_instance_profile = "acme-bastion-profile"',
+    "}",
+    "ssh -i ~/.ssh/acme-bastion.pem ec2-user@10.20.31.142",
+    '{"DBInstanceIdentifier": "payments-prod-db", "MasterUsername": "payments_admin",'
+    ' "DBSubnetGroup": {"DBSubnetGroupName": "payments-db-subnets"}}',
+    '{"AutoScalingGroupName": "payments-asg-prod", "LaunchTemplateName": "payments-lt"}',
+    '{"Instances": [{"InstanceArn": "arn:aws:sso:::instance/ssoins-0123456789abcdef"}]}',
+    '{"Organization": {"MasterAccountId": "210987654321", "MasterAccountEmail": "aws-root@acme-corp.com"}}',
+    '  + name          = "alias/payments-prod"',
+    "aws ecs update-service --cluster payments --service payments-api --force-new-deployment",
+    "why did payments-api fail to reach payments-ledger-prod?",
+    "SessionId: vpce-svc-0a1b2c3d4e5f67890",
+))
+
+
+def test_what_a_recall_hunt_found_in_pasted_text_is_masked() -> None:
+    body = PASTED_BY_A_DEVELOPER.encode()
+    out, mapping = mask(body, "text/plain")
+    for name in (b"payments-ledger-prod", b"acme-bastion", b"payments-prod-db", b"payments_admin",
+                 b"payments-db-subnets", b"payments-asg-prod", b"payments-lt", b"ssoins-0123456789abcdef",
+                 b"aws-root@acme-corp.com", b"payments-prod", b"payments-api", b"0a1b2c3d4e5f67890"):
+        assert name not in out, name
+    assert b"ec2-user@" in out and b"--force-new-deployment" in out  # the rest stays
+    assert restore_bytes(out, mapping)[0] == body
+
+
 @pytest.mark.parametrize("text", [
     "ssh -i ~/.ssh/deploy-bot-prod.pem ec2-user@host",
     "saved to deploy-bot-prod.tar.gz, see deploy-bot-prod.json.",
