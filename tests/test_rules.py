@@ -1299,3 +1299,22 @@ def test_an_arn_before_a_full_stop_or_colon_masks_the_same_names(engine: str, ar
     repeat) or did not match at all, and the generic rule then forwarded a pipeline's name or an API's ID
     (read as the resource type before ":")."""
     assert full_scanner(engine).scan_values(f"See {arn}{after}".encode()) == values
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("fragment", [
+    # a path that took ":" and "," ran on over every execute-api ARN after it: quadratic
+    b"arn:aws:execute-api:us-east-1:111122223333:abcdefghij/a.",
+    # --service then --cluster: each --service within 400 bytes searched 400 bytes for a --cluster
+    b"aws ecs x --service a ",
+    b"aws ecs x --cluster a ",
+])
+def test_a_long_line_of_almost_matches_scans_in_linear_time(engine: str, fragment: bytes) -> None:
+    import time
+
+    data = fragment * (50_000 // len(fragment))
+    scanner = full_scanner(engine)
+    scanner.scan(b"warm up")
+    started = time.perf_counter()
+    scanner.scan(data)
+    assert time.perf_counter() - started < 0.5
