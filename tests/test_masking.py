@@ -1155,3 +1155,15 @@ def test_scan_results_of_short_texts_are_remembered_safely() -> None:
     for n in range(5000):  # more short texts than are kept: the oldest are forgotten, results stay right
         assert len(scanner.scan(b"vol-%08x" % n)) == 1
     assert len(scanner.scan(text)) == 2
+
+
+@pytest.mark.parametrize("text", [
+    "Launch it with --key-name jane-laptop. Then: ssh -i ~/.ssh/jane-laptop.pem ec2-user@host",
+    '{"KeyName": "jane-laptop"}\nssh -i jane-laptop.pem host',
+])
+def test_a_key_pair_named_at_a_sentences_end_is_masked_in_its_pem_file_too(text: str) -> None:
+    # "--key-name jane-laptop." took the full stop into the name, so "jane-laptop.pem" was no repeat of it
+    body = text.encode()
+    out, mapping = mask(body, "text/plain")
+    assert b"jane-laptop" not in out
+    assert restore_bytes(out, mapping)[0] == body

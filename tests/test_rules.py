@@ -1268,3 +1268,53 @@ def test_names_after_aws_flags_and_keys_are_masked_without_an_arn(engine: str) -
             "sso_role_name = ReadOnlyAccess", '"RouteKey": "GET /pets"', '"Type": "StringList"',
             "--project-name orders up", '"imageTags": ["1.4.2"]', "/bin/sh"]
     assert _kept(NAMES_AFTER_FLAGS_AND_KEYS, keep, engine) == []
+
+
+ARNS_AT_A_SENTENCES_END = [
+    ("arn:aws:events:us-east-1:111122223333:rule/orders-bus/nightly-orders",
+     [b"111122223333", b"orders-bus", b"nightly-orders"]),
+    ("arn:aws:glue:us-east-1:111122223333:table/sales_db/orders_2026",
+     [b"111122223333", b"sales_db", b"orders_2026"]),
+    ("arn:aws:dynamodb:us-east-1:111122223333:table/orders-table", [b"111122223333", b"orders-table"]),
+    ("arn:aws:kinesis:us-east-1:111122223333:stream/orders-stream", [b"111122223333", b"orders-stream"]),
+    ("arn:aws:secretsmanager:us-east-1:111122223333:secret:prod/db-password-AbCdEf",
+     [b"111122223333", b"prod/db-password"]),
+    ("arn:aws:execute-api:us-east-1:111122223333:abcdefghij/prod/GET/orders",
+     [b"111122223333", b"abcdefghij", b"prod/GET/orders"]),
+    ("arn:aws:codepipeline:us-east-1:111122223333:orders-pipeline", [b"111122223333", b"orders-pipeline"]),
+    ("arn:aws:scheduler:us-east-1:111122223333:schedule/orders-group/orders-nightly",
+     [b"111122223333", b"orders-group", b"orders-nightly"]),
+    ("arn:aws:states:us-east-1:111122223333:stateMachine:orders-flow", [b"111122223333", b"orders-flow"]),
+    ("arn:aws:sqs:us-east-1:111122223333:orders-queue", [b"111122223333", b"orders-queue"]),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("arn", "values"), ARNS_AT_A_SENTENCES_END)
+@pytest.mark.parametrize("after", ["", ".", ". Next", ": failed", ":", "\n"])
+def test_an_arn_before_a_full_stop_or_colon_masks_the_same_names(engine: str, arn: str, values: list[bytes],
+                                                                  after: str) -> None:
+    """A full stop or colon after an ARN (the end of a sentence, "ARN: error") is no part of its last name:
+    the ARN rules of Glue, DynamoDB, EventBridge... took "name." for the name (so "name" elsewhere was not a
+    repeat) or did not match at all, and the generic rule then forwarded a pipeline's name or an API's ID
+    (read as the resource type before ":")."""
+    assert full_scanner(engine).scan_values(f"See {arn}{after}".encode()) == values
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("fragment", [
+    # a path that took ":" and "," ran on over every execute-api ARN after it: quadratic
+    b"arn:aws:execute-api:us-east-1:111122223333:abcdefghij/a.",
+    # --service then --cluster: each --service within 400 bytes searched 400 bytes for a --cluster
+    b"aws ecs x --service a ",
+    b"aws ecs x --cluster a ",
+])
+def test_a_long_line_of_almost_matches_scans_in_linear_time(engine: str, fragment: bytes) -> None:
+    import time
+
+    data = fragment * (50_000 // len(fragment))
+    scanner = full_scanner(engine)
+    scanner.scan(b"warm up")
+    started = time.perf_counter()
+    scanner.scan(data)
+    assert time.perf_counter() - started < 0.5
