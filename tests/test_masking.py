@@ -890,6 +890,7 @@ def test_what_a_recall_hunt_found_in_pasted_text_is_masked() -> None:
 @pytest.mark.parametrize("text", [
     "ssh -i ~/.ssh/deploy-bot-prod.pem ec2-user@host",
     "saved to deploy-bot-prod.tar.gz, see deploy-bot-prod.json.",
+    "copy DEPLOY-KEY: deploy-bot-prod.PEM",
 ])
 def test_a_repeat_before_a_files_extension_is_masked(text: str) -> None:
     body = f"role arn:aws:iam::123456789012:role/deploy-bot-prod\n{text}".encode()

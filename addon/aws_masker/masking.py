@@ -959,9 +959,9 @@ _ORIGINAL = operator.itemgetter(1)
 _REPEATABLE = re.compile(rb"[A-Za-z0-9._@=,+/-]{5,256}")  # no quote, backslash, "%", colon or space
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # A file's extension after a name (a key pair's "deploy-key.pem", a stack's "orders-stack.yaml", a bucket's
-# "acme-logs.tar.gz"): the name stands on its own there, unlike before a hostname's next label. No
-# extension that is also a common top-level domain.
-_FILE_SUFFIX = re.compile(rb"(?:\.(?:pem|ppk|pub|key|crt|cer|p12|pfx|json|jsonl|csv|tsv|log|txt|ya?ml|toml|"
+# "acme-logs.tar.gz", "KEY.PEM"): the name stands on its own there, unlike before a hostname's next label.
+# A few are top-level domains too (.sh, .zip): a name before one in a hostname is masked, the safe side.
+_FILE_SUFFIX = re.compile(rb"(?i:\.(?:pem|ppk|pub|key|crt|cer|p12|pfx|json|jsonl|csv|tsv|log|txt|ya?ml|toml|"
                           rb"tf|tfvars|tfstate|tfplan|hcl|zip|gz|tgz|bz2|xz|zst|tar|parquet|avro|orc|sh|ps1|sql|env|"
                           rb"ini|cfg|conf|out|err|bak|backup|dump|snap))+(?![A-Za-z0-9_-]|\.[A-Za-z0-9])")
 
