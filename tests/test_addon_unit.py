@@ -84,6 +84,26 @@ def test_request_masked_and_reply_restored(masker) -> None:
     assert addon.flows == {}
 
 
+def test_freed_memory_goes_back_to_the_os_every_so_many_flows(masker, monkeypatch) -> None:
+    """glibc keeps the pages of the bodies and JSON trees each request frees; every TRIM_EVERY finished flows
+    they are handed back (scripts/bench measures the RSS this saves), after the hook, not inside it."""
+    import aws_masker.addon as glue
+
+    addon, tctx = masker
+    trims: list[int] = []
+    monkeypatch.setattr(glue, "TRIM_EVERY", 3)
+    monkeypatch.setattr(glue, "release_freed_memory", lambda: trims.append(addon.finished) or True)
+    loop = tctx.master.event_loop
+    for _ in range(7):
+        f = make_flow(json.dumps(BODY).encode())
+        loop.run_until_complete(addon.request(f))
+        f.response = tutils.tresp(content=b'{"content": []}')
+        f.response.headers["content-type"] = "application/json"
+        loop.run_until_complete(addon.response(f))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert trims == [3, 6]
+
+
 @pytest.mark.parametrize("kind", ["base64 document", "utf-16"])
 def test_a_placeholder_held_as_text_in_decoded_text_is_never_minted(masker, kind: str) -> None:
     """The placeholders a request holds as text are looked for in what the model reads: also in a text

@@ -27,7 +27,7 @@ from .guard import GUARD
 from .masking import BodyMasker, UnreadableBody, merge_kept, repeats_in_url, text_codec
 from .placeholders import PREFIX, TOKEN_RE, glued_suffixes, restore_bytes, tokens_in
 from .rules import RuleError, check_examples, load_rules, with_followed
-from .scanner import Scanner
+from .scanner import Scanner, release_freed_memory
 from .store import MemoryStore, Store, StoreUnavailable
 from .streaming import StreamRestorer
 
@@ -50,6 +50,11 @@ FORWARDED_UNMASKED = "aws_masker_fail_open"  # flow.metadata: masker_fail_open l
 TEXT_LOG_LIMIT = 1 << 20  # development: restored text of a streamed reply kept for mitmweb
 RECENT_LIMIT = 10_000  # namespace scope: placeholders kept for restoring streamed replies
 MAX_GLUED_TAIL = 256  # namespace scope: longest placeholder looked up in the store at the end of a token
+# Every this many finished flows the C allocator hands freed memory back to the OS (glibc's malloc_trim,
+# ~0.1 ms, after the hook): the bodies, JSON trees and copies of each request are freed, but glibc keeps
+# the pages in the middle of its heap, and the proxy's RSS grew ~7 MiB more than plain mitmdump's over
+# 10,000 requests (scripts/bench: +20.8 -> +13.2 MiB).
+TRIM_EVERY = 1000
 STORES = ("auto", "memory", "redis")
 SCOPES = ("request", "namespace")
 EVENT_OPTIONS = {"masker_events_channel", "masker_events_stream", "masker_events_stream_maxlen",
@@ -170,6 +175,7 @@ class AwsMasker:
         self.store: Store = MemoryStore()
         self.hosts = HostSet()
         self.flows: dict[str, FlowState] = {}
+        self.finished = 0  # flows whose reply was restored (see TRIM_EVERY)
         self.fail_open_count = 0
         self.redis: Any = None  # the one Redis client (and pool) of this process: store and events
         self._redis_url = ""
@@ -809,6 +815,9 @@ class AwsMasker:
 
     def _finish(self, flow: http.HTTPFlow, state: FlowState) -> None:
         """Comment for mitmweb and the unmask event, once the reply is complete."""
+        self.finished += 1
+        if self.finished % TRIM_EVERY == 0:
+            asyncio.get_running_loop().call_soon(release_freed_memory)  # after this hook, not in it
         seen = state.restored_placeholders
         # rule of each restored placeholder, counted in C (placeholders of other requests: "namespace")
         rules = Counter(map(state.placeholder_rules.get, seen.elements(), repeat("namespace")))
