@@ -53,7 +53,7 @@ MAX_GLUED_TAIL = 256  # namespace scope: longest placeholder looked up in the st
 # Every this many finished flows the C allocator hands freed memory back to the OS (glibc's malloc_trim,
 # ~0.1 ms, after the hook): the bodies, JSON trees and copies of each request are freed, but glibc keeps
 # the pages in the middle of its heap, and the proxy's RSS grew ~7 MiB more than plain mitmdump's over
-# 10,000 requests (scripts/bench: +20.8 -> +13.2 MiB).
+# 10,000 requests (scripts/bench: +19.1 to +20.8 MiB before, +12.8 to +13.2 MiB with it).
 TRIM_EVERY = 1000
 STORES = ("auto", "memory", "redis")
 SCOPES = ("request", "namespace")
