@@ -1309,6 +1309,7 @@ LONG_LINES = [
     # for 200 KB, so minutes for 1.2 MB)
     (b"aws ecs x --service a ", None, 1_200_000),
     (b"aws ecs x --cluster a ", None, 1_200_000),
+    (b"aws ecs x --services a b c ", None, 600_000),  # the values after --services
     # ARNs joined by "," ";" "|" "." or ":" (a list in one argument): the generic rule's resource and an S3
     # ARN's key ran on over every later ARN, so each start of "arn:" was matched to the end of the line
     # (Hyperscan: 3-8 s for 200 KB) and the buckets after the first were forwarded
